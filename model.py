@@ -1,0 +1,449 @@
+"""Tiny Recursive Model (TRM, arXiv:2510.04871) as pure functions over a params pytree.
+
+One tiny network `net` (`layers` post-norm blocks) is applied over and over to two latent
+states: the answer y and the reasoning state z. One supervision step ("ACT step") runs
+`deep_recursion`: T-1 cycles of `latent_recursion` without gradient and one with, where a
+cycle is n updates z <- net(z + y + x) followed by one update y <- net(y + z). The answer
+head reads y; the Q head reads y at position 0 and decides when to stop.
+
+Notable features:
+- MLP-mixer variant (`mlp_t`: a SwiGLU over the sequence axis instead of attention, the
+  paper's best Sudoku model) and the attention variant (RoPE / learned / no positions).
+- Faithful to the official PyTorch code (SamsungSAILMontreal/TinyRecursiveModels @ e7b6871):
+  same inits, widths, norms, puzzle-embedding prefix and loss; tests/test_model.py checks
+  logits, losses and every gradient against arrays produced by that code.
+- The halting rule, the refill of halted rows with new data and the loss are small named
+  functions (`refill`, `act_step`, `loss_fn`), not hidden in a wrapper class.
+
+Names: y = the reference's z_H, z = z_L, T = H_cycles, n = L_cycles, N_sup = halt_max_steps.
+Shapes: B batch, S cells, P puzzle-embedding prefix, L = P + S, D width, V vocabulary.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+IGNORE_LABEL = -100  # label of cells that count neither in the loss nor in accuracy
+SWIGLU_MULTIPLE = 256  # SwiGLU width is rounded up to a multiple of this, as in the reference
+Q_INIT_BIAS = -5.0  # sigmoid(-5) = 0.007: the Q head starts out (almost) never halting
+TRUNC_STD = 0.87962566  # std of a standard normal truncated to [-2, 2]; divided out at init
+STABLEMAX_EPS = 1e-30  # the reference's epsilon in s(x) = 1 / (1 - x + eps) for x < 0
+BUFFERS = ("H_init", "L_init")  # fixed random start states: in params, never trained
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# The reference's arch keys (config/arch/trm.yaml) -> our Config fields.
+REFERENCE_KEYS = {
+    "hidden_size": "D",
+    "num_heads": "heads",
+    "expansion": "expansion",
+    "H_cycles": "T",
+    "L_cycles": "n",
+    "L_layers": "layers",
+    "mlp_t": "mlp_t",
+    "pos_encodings": "pos_encodings",
+    "puzzle_emb_ndim": "puzzle_emb_ndim",
+    "puzzle_emb_len": "puzzle_emb_len",
+    "halt_max_steps": "N_sup",
+    "halt_exploration_prob": "halt_exploration_prob",
+    "vocab_size": "vocab_size",
+    "seq_len": "seq_len",
+    "num_puzzle_identifiers": "num_puzzle_identifiers",
+    "rms_norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+    "forward_dtype": "forward_dtype",
+    "no_ACT_continue": "no_ACT_continue",
+}
+# Reference keys that carry no model information (H_layers is ignored by its trm.py too).
+REFERENCE_IGNORED = ("name", "H_layers", "batch_size", "causal")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    vocab_size: int = 11  # V: PAD 0, blank 1, digits 2..10 for Sudoku
+    seq_len: int = 81  # S: cells per puzzle
+    D: int = 512  # width (hidden_size)
+    heads: int = 8  # attention heads (attention variant only)
+    expansion: float = 4.0  # SwiGLU expansion before rounding (see swiglu_width)
+    T: int = 3  # outer cycles per supervision step (H_cycles); T-1 run without gradient
+    n: int = 6  # z updates per cycle (L_cycles)
+    layers: int = 2  # blocks in the one shared network (L_layers)
+    N_sup: int = 16  # max supervision (ACT) steps (halt_max_steps)
+    halt_exploration_prob: float = 0.1  # chance a row must run a random min number of steps
+    mlp_t: bool = True  # MLP-mixer over the sequence instead of attention
+    pos_encodings: str = "none"  # rope | learned | none
+    puzzle_emb_ndim: int = 512  # width of the per-puzzle embedding, 0 = none
+    puzzle_emb_len: int = 16  # prefix positions it fills (0 = ceil(ndim / D))
+    num_puzzle_identifiers: int = 1  # rows of the puzzle-embedding table
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    forward_dtype: str = "bfloat16"  # activations and carry; params stay float32
+    no_ACT_continue: bool = True  # halt on sigmoid(q_halt) alone; False adds the Q-continue loss
+    loss_type: str = "stablemax"  # stablemax (the reference's) | softmax
+
+    def __post_init__(self):
+        checks = [
+            (self.pos_encodings in ("rope", "learned", "none"), "pos_encodings"),
+            (self.forward_dtype in DTYPES, "forward_dtype"),
+            (self.loss_type in ("stablemax", "softmax"), "loss_type"),
+            (min(self.T, self.n, self.layers, self.N_sup, self.D, self.seq_len) >= 1, "T/n/..."),
+            (self.mlp_t or self.D % self.heads == 0, "D % heads"),
+            (self.puzzle_emb_ndim <= self.P * self.D, "puzzle_emb_ndim > P * D"),
+            (0.0 <= self.halt_exploration_prob <= 1.0, "halt_exploration_prob"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                raise ValueError(f"Invalid Config ({what}): {self}")
+
+    @property
+    def P(self) -> int:  # puzzle-embedding prefix; none without a puzzle embedding
+        if self.puzzle_emb_ndim == 0:
+            return 0
+        return self.puzzle_emb_len or -(-self.puzzle_emb_ndim // self.D)
+
+    @property
+    def L(self) -> int:  # positions the network sees
+        return self.P + self.seq_len
+
+    @property
+    def dtype(self):
+        return DTYPES[self.forward_dtype]
+
+    @classmethod
+    def from_reference(cls, arch: dict, **overrides) -> "Config":
+        """Config from the reference's arch dict (or a whole all_config.yaml dict)."""
+        arch = dict(arch.get("arch", arch))
+        loss = arch.pop("loss", None) or {}
+        kwargs = {}
+        if loss.get("loss_type"):
+            kwargs["loss_type"] = loss["loss_type"].removesuffix("_cross_entropy")
+        unknown = sorted(k for k in arch if k not in REFERENCE_KEYS and k not in REFERENCE_IGNORED)
+        if unknown:
+            raise ValueError(
+                f"Unknown reference arch keys {unknown}; known: {list(REFERENCE_KEYS)}"
+            )
+        kwargs.update({REFERENCE_KEYS[k]: v for k, v in arch.items() if k in REFERENCE_KEYS})
+        return cls(**{**kwargs, **overrides})
+
+
+def swiglu_width(width: int, expansion: float) -> int:
+    """Hidden width of a SwiGLU over `width` features, rounded as the reference rounds it."""
+    return -(-round(expansion * width * 2 / 3) // SWIGLU_MULTIPLE) * SWIGLU_MULTIPLE
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def init_params(key, cfg: Config) -> dict:
+    """Params pytree with the reference's initialisation; matrices are (in, out)."""
+    keys = iter(jax.random.split(key, 5 + 4 * cfg.layers))
+
+    def normal(shape, std):  # truncated to +-2 std, rescaled so the std is exactly `std`
+        return jax.random.truncated_normal(next(keys), -2.0, 2.0, shape) * (std / TRUNC_STD)
+
+    def lecun(fan_in, fan_out):  # every linear layer: std 1/sqrt(fan_in), no bias
+        return normal((fan_in, fan_out), fan_in**-0.5)
+
+    def block():
+        f, f_t = swiglu_width(cfg.D, cfg.expansion), swiglu_width(cfg.L, cfg.expansion)
+        if cfg.mlp_t:  # token mixing: a SwiGLU along the L axis, shared by all channels
+            mix = {"token_gate_up": lecun(cfg.L, 2 * f_t), "token_down": lecun(f_t, cfg.L)}
+        else:  # fused q, k, v projection; heads * head_dim = D
+            mix = {"qkv": lecun(cfg.D, 3 * cfg.D), "out": lecun(cfg.D, cfg.D)}
+        return {**mix, "gate_up": lecun(cfg.D, 2 * f), "down": lecun(f, cfg.D)}
+
+    params = {
+        "embed": normal((cfg.vocab_size, cfg.D), cfg.D**-0.5),  # x sqrt(D) at use: unit scale
+        "blocks": [block() for _ in range(cfg.layers)],
+        "lm_head": lecun(cfg.D, cfg.vocab_size),
+        # Zero weights and bias -5: q starts at -5 for every input, halting is learned later.
+        "q_head": {"w": jnp.zeros((cfg.D, 2)), "b": jnp.full((2,), Q_INIT_BIAS)},
+        "H_init": normal((cfg.D,), 1.0),
+        "L_init": normal((cfg.D,), 1.0),
+    }
+    if cfg.pos_encodings == "learned":
+        params["pos"] = normal((cfg.L, cfg.D), cfg.D**-0.5)
+    if cfg.puzzle_emb_ndim:  # zero init: puzzles start out indistinguishable
+        params["puzzle_emb"] = jnp.zeros((cfg.num_puzzle_identifiers, cfg.puzzle_emb_ndim))
+    return params
+
+
+def num_params(params) -> int:
+    """Trained weights, counted as the reference counts them (no buffers, no puzzle table)."""
+    counted = {k: v for k, v in params.items() if k not in (*BUFFERS, "puzzle_emb")}
+    return sum(x.size for x in jax.tree.leaves(counted))
+
+
+# ----------------------------------------------------------------------------- the network
+
+
+def rms_norm(x, eps, axis=-1):
+    """RMSNorm without a scale, computed in float32 (post-norm, as in the reference)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis, keepdims=True) + eps)).astype(x.dtype)
+
+
+def swiglu(x_BxNxW, gate_up_WxF2, down_FxW):
+    """SwiGLU over the last axis: down(silu(gate) * up), gate and up from one fused matmul."""
+    gate, up = jnp.split(x_BxNxW @ gate_up_WxF2.astype(x_BxNxW.dtype), 2, axis=-1)
+    return (jax.nn.silu(gate) * up) @ down_FxW.astype(x_BxNxW.dtype)
+
+
+def rope_tables(cfg: Config):
+    """Non-interleaved ("rotate half") RoPE cos/sin tables, (L, head_dim) each, float32."""
+    head_dim = cfg.D // cfg.heads
+    inv_freq = 1.0 / cfg.rope_theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    freqs_LxH = jnp.outer(jnp.arange(cfg.L, dtype=jnp.float32), inv_freq)
+    angles = jnp.concatenate([freqs_LxH, freqs_LxH], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BxLxHxK, cos_LxK, sin_LxK):
+    x = x_BxLxHxK.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos_LxK[None, :, None], sin_LxK[None, :, None]
+    return (x * cos + rotated * sin).astype(x_BxLxHxK.dtype)
+
+
+def attention(w, cfg: Config, h_BxLxD, rope):
+    """Non-causal multi-head self-attention, no bias, scale 1/sqrt(head_dim)."""
+    B, L, D = h_BxLxD.shape
+    qkv = (h_BxLxD @ w["qkv"].astype(h_BxLxD.dtype)).reshape(B, L, 3 * cfg.heads, -1)
+    q, k, v = jnp.split(qkv, 3, axis=2)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    scores = jnp.einsum("bqhk,bphk->bhqp", q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores / math.sqrt(D // cfg.heads), axis=-1).astype(v.dtype)
+    out_BxLxD = jnp.einsum("bhqp,bphk->bqhk", probs, v).reshape(B, L, D)
+    return out_BxLxD @ w["out"].astype(h_BxLxD.dtype)
+
+
+def block(w, cfg: Config, h_BxLxD, rope):
+    """One post-norm block: sequence mixing (MLP over L, or attention), then a channel MLP."""
+    if cfg.mlp_t:  # the mixer acts on (B, D, L); its RMSNorm is therefore over the L axis
+        h_BxDxL = h_BxLxD.swapaxes(1, 2)
+        h_BxDxL = rms_norm(
+            h_BxDxL + swiglu(h_BxDxL, w["token_gate_up"], w["token_down"]), cfg.rms_norm_eps
+        )
+        h_BxLxD = h_BxDxL.swapaxes(1, 2)
+    else:
+        h_BxLxD = rms_norm(h_BxLxD + attention(w, cfg, h_BxLxD, rope), cfg.rms_norm_eps)
+    return rms_norm(h_BxLxD + swiglu(h_BxLxD, w["gate_up"], w["down"]), cfg.rms_norm_eps)
+
+
+def net(params, cfg: Config, h, injection, rope):
+    """The one tiny network: the injection is added once, then `layers` blocks."""
+    h = h + injection
+    for w in params["blocks"]:
+        h = block(w, cfg, h, rope)
+    return h
+
+
+def latent_recursion(params, cfg: Config, x, y, z, rope):
+    """Paper: n times z <- net(x, y, z), then y <- net(y, z). x is not injected into y."""
+    y_plus_x = y + x
+    z = jax.lax.fori_loop(0, cfg.n, lambda _, z: net(params, cfg, z, y_plus_x, rope), z)
+    y = net(params, cfg, y, z, rope)
+    return y, z
+
+
+def deep_recursion(params, cfg: Config, x, y, z, rope):
+    """Paper: T-1 latent recursions without gradient, then one with gradient."""
+    # No gradient: run on stopped params and x, so autodiff never sees this loop and keeps
+    # no activations for it (only 1 of the T cycles, (n+1) * layers blocks, is recorded).
+    params_ng, x_ng = jax.lax.stop_gradient((params, x))
+    y, z = jax.lax.fori_loop(
+        0, cfg.T - 1, lambda _, yz: latent_recursion(params_ng, cfg, x_ng, *yz, rope), (y, z)
+    )
+    return latent_recursion(params, cfg, x, y, z, rope)
+
+
+def embed_input(params, cfg: Config, inputs_BxS, puzzle_ids_B):
+    """x: token embeddings behind a P-position puzzle-embedding prefix, scaled by sqrt(D)."""
+    x_BxLxD = params["embed"].astype(cfg.dtype)[inputs_BxS]
+    if cfg.P:  # the puzzle vector, zero-padded to P * D values, fills the prefix positions
+        B = inputs_BxS.shape[0]
+        p = params["puzzle_emb"].astype(cfg.dtype)[puzzle_ids_B]
+        p_BxPxD = jnp.pad(p, ((0, 0), (0, cfg.P * cfg.D - cfg.puzzle_emb_ndim)))
+        x_BxLxD = jnp.concatenate([p_BxPxD.reshape(B, cfg.P, cfg.D), x_BxLxD], axis=1)
+    if cfg.pos_encodings == "learned":  # 1/sqrt(2) keeps the sum at the same scale
+        x_BxLxD = (x_BxLxD + params["pos"].astype(cfg.dtype)[None]) * (1 / math.sqrt(2))
+    return x_BxLxD * math.sqrt(cfg.D)
+
+
+def recurse(params, cfg: Config, y, z, data):
+    """One supervision step of the model on the rows' data: new (y, z), logits, q logits."""
+    rope = rope_tables(cfg) if cfg.pos_encodings == "rope" and not cfg.mlp_t else None
+    x = embed_input(params, cfg, data["inputs"], data["puzzle_identifiers"])
+    y, z = deep_recursion(params, cfg, x, y, z, rope)
+    logits_BxSxV = y[:, cfg.P :] @ params["lm_head"].astype(cfg.dtype)  # the head reads y
+    q = (
+        y[:, 0] @ params["q_head"]["w"].astype(cfg.dtype)
+        + params["q_head"]["b"].astype(cfg.dtype)[None]
+    )
+    q_halt, q_continue = q.astype(jnp.float32).T
+    # The carry is detached: no gradient flows from one supervision step into the next.
+    return jax.lax.stop_gradient((y, z)), logits_BxSxV, q_halt, q_continue
+
+
+# ----------------------------------------------------------------------------- ACT
+
+
+def initial_carry(cfg: Config, batch):
+    """All rows halted, so the first `act_step` fills every row with new data."""
+    B = batch["inputs"].shape[0]
+    return {
+        "y": jnp.zeros((B, cfg.L, cfg.D), cfg.dtype),
+        "z": jnp.zeros((B, cfg.L, cfg.D), cfg.dtype),
+        "steps": jnp.zeros((B,), jnp.int32),
+        "halted": jnp.ones((B,), bool),
+        "data": jax.tree.map(jnp.zeros_like, batch),
+    }
+
+
+def refill(params, cfg: Config, carry, batch):
+    """Halted rows restart from (H_init, L_init) at step 0 on the new batch's row.
+
+    Rows still running keep their state and data; the new batch's rows at those positions
+    are not used (the reference does the same).
+    """
+    halted_B = carry["halted"]
+
+    def pick(new, old):
+        return jnp.where(halted_B.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+
+    return {
+        "y": pick(params["H_init"].astype(cfg.dtype)[None, None], carry["y"]),
+        "z": pick(params["L_init"].astype(cfg.dtype)[None, None], carry["z"]),
+        "steps": jnp.where(halted_B, 0, carry["steps"]),
+        "halted": halted_B,
+        "data": jax.tree.map(pick, batch, carry["data"]),
+    }
+
+
+def exploration_min_steps(key, cfg: Config, batch_size):
+    """Per row, the fewest steps it must run before it may halt: with probability
+    halt_exploration_prob a uniform draw from [2, N_sup], otherwise 0 (no constraint).
+
+    Drawn for the global batch outside the model, so training is the same whatever the
+    number of devices the batch is split over.
+    """
+    k_explore, k_steps = jax.random.split(key)
+    explore = jax.random.uniform(k_explore, (batch_size,)) < cfg.halt_exploration_prob
+    return jnp.where(explore, jax.random.randint(k_steps, (batch_size,), 2, cfg.N_sup + 1), 0)
+
+
+def act_step(params, cfg: Config, carry, batch, train=False, min_steps=None):
+    """One supervision step: refill halted rows, recurse, decide which rows halt.
+
+    Training halts a row when q_halt > 0 (or > q_continue) once it has run min_steps
+    (see exploration_min_steps); evaluation runs every row exactly N_sup steps.
+    """
+    carry = refill(params, cfg, carry, batch)
+    (y, z), logits, q_halt, q_continue = recurse(params, cfg, carry["y"], carry["z"], carry["data"])
+    outputs = {"logits": logits, "q_halt": q_halt, "q_continue": q_continue}
+    steps = carry["steps"] + 1
+    is_last = steps >= cfg.N_sup
+    halted = is_last
+    if train and cfg.N_sup > 1:
+        halted = halted | (q_halt > (0 if cfg.no_ACT_continue else q_continue))
+        if min_steps is not None:
+            halted = halted & (steps >= min_steps)
+        if not cfg.no_ACT_continue:  # Q-learning target from one more step, no gradient
+            _, _, next_halt, next_continue = recurse(
+                jax.lax.stop_gradient(params), cfg, y, z, carry["data"]
+            )
+            next_q = jnp.where(is_last, next_halt, jnp.maximum(next_halt, next_continue))
+            outputs["q_continue_target"] = jax.nn.sigmoid(next_q)
+    carry = {"y": y, "z": z, "steps": steps, "halted": halted, "data": carry["data"]}
+    return carry, outputs
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def log_stablemax(x, axis=-1):
+    """log of stablemax: s(x) = x + 1 for x >= 0, 1 / (1 - x) for x < 0, normalised."""
+    s = jnp.where(x < 0, 1 / (1 - jnp.minimum(x, 0) + STABLEMAX_EPS), x + 1)  # min: no inf grad
+    return jnp.log(s / jnp.sum(s, axis, keepdims=True))
+
+
+def cross_entropy(logits_BxSxV, labels_BxS, loss_type):
+    """Per-token cross-entropy in float32; 0 where the label is IGNORE_LABEL."""
+    logits = logits_BxSxV.astype(jnp.float32)
+    logp = log_stablemax(logits) if loss_type == "stablemax" else jax.nn.log_softmax(logits)
+    valid = labels_BxS != IGNORE_LABEL
+    picked = jnp.take_along_axis(logp, jnp.where(valid, labels_BxS, 0)[..., None], -1)[..., 0]
+    return -jnp.where(valid, picked, 0.0)
+
+
+def bce_with_logits(logits, targets):
+    return jax.nn.softplus(logits) - logits * targets
+
+
+def loss_fn(params, cfg: Config, carry, batch, min_steps=None, *, train=True, global_batch_size):
+    """One ACT step and its loss; returns (loss, (carry, metric sums, outputs)).
+
+    loss = [sum over rows of the mean token CE of the row + 0.5 * (q-halt BCE + q-continue
+    BCE)] / global_batch_size. The q-halt target is whether the row's current argmax answer
+    is entirely right. Metrics are sums over the rows that halted this step (count is their
+    number), as the reference reports them; divide by count (or the batch) to get means.
+    """
+    carry, out = act_step(params, cfg, carry, batch, train, min_steps)
+    labels = carry["data"]["labels"]  # the labels of the rows actually processed
+    mask = labels != IGNORE_LABEL
+    counts = mask.sum(-1)
+    divisor = jnp.maximum(counts, 1)
+    correct = mask & (jnp.argmax(out["logits"], -1) == labels)
+    seq_correct = correct.sum(-1) == counts
+
+    lm_loss = jnp.sum(cross_entropy(out["logits"], labels, cfg.loss_type).sum(-1) / divisor)
+    q_halt_loss = jnp.sum(bce_with_logits(out["q_halt"], seq_correct))
+    q_continue_loss = 0.0
+    if "q_continue_target" in out:
+        q_continue_loss = jnp.sum(bce_with_logits(out["q_continue"], out["q_continue_target"]))
+    loss = (lm_loss + 0.5 * (q_halt_loss + q_continue_loss)) / global_batch_size
+
+    valid = carry["halted"] & (counts > 0)
+    metrics = {
+        "count": valid.sum(),
+        "accuracy": jnp.sum(jnp.where(valid, correct.sum(-1) / divisor, 0.0)),
+        "exact_accuracy": jnp.sum(valid & seq_correct),
+        "q_halt_accuracy": jnp.sum(valid & ((out["q_halt"] >= 0) == seq_correct)),
+        "steps": jnp.sum(jnp.where(valid, carry["steps"], 0)),
+        "lm_loss": lm_loss,
+        "q_halt_loss": q_halt_loss,
+        "q_continue_loss": jnp.asarray(q_continue_loss, jnp.float32),
+    }
+    out["seq_correct"] = seq_correct
+    return loss, (carry, jax.tree.map(jax.lax.stop_gradient, metrics), out)
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "n_sup"))
+def predict(params, cfg: Config, inputs, puzzle_identifiers=None, n_sup=None):
+    """Evaluation-mode ACT loop: n_sup (default N_sup) steps from a fresh carry.
+
+    inputs (B, S) int token ids; puzzle_identifiers (B,) (default 0, the blank id).
+    Returns the final logits (B, S, V) and q-halt logits (B,).
+    """
+    if puzzle_identifiers is None:
+        puzzle_identifiers = jnp.zeros(inputs.shape[:1], jnp.int32)
+    batch = {
+        "inputs": jnp.asarray(inputs, jnp.int32),
+        "puzzle_identifiers": jnp.asarray(puzzle_identifiers, jnp.int32),
+    }
+    cfg = dataclasses.replace(cfg, N_sup=n_sup or cfg.N_sup)
+    carry = initial_carry(cfg, batch)
+    carry, out = act_step(params, cfg, carry, batch)  # the first step fills every row
+
+    def step(_, c_out):
+        return act_step(params, cfg, c_out[0], batch)
+
+    carry, out = jax.lax.fori_loop(1, cfg.N_sup, step, (carry, out))
+    return out["logits"], out["q_halt"]

@@ -1,0 +1,359 @@
+"""model.py: parity with the official PyTorch TRM, and the properties the paper relies on."""
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ckpt
+import model
+
+TESTDATA = pathlib.Path(__file__).parent / "testdata"
+# Eval logits drift apart step by step: the recursion amplifies float32 rounding. A float64
+# run of our model is as far from the reference's float32 logits as our float32 run is
+# (5.7e-4 vs 3.9e-4 at step 3 for tiny_mlp), so these bounds are rounding, not a bug.
+EVAL_ATOL = (1e-4, 5e-4, 2.5e-3)
+
+
+def assert_close(actual, expected, atol, rtol=0.0, what=""):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    err = np.abs(actual - expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    ok = err <= atol + rtol * np.abs(expected)
+    assert ok.all(), (
+        f"{what}: max abs err {err.max():.3g}, mean {err.mean():.3g}, "
+        f"{(~ok).sum()} of {ok.size} beyond atol={atol} rtol={rtol}"
+    )
+
+
+def golden(name):
+    g = np.load(TESTDATA / f"{name}.npz")
+    cfg = model.Config.from_reference(json.loads((TESTDATA / f"{name}.json").read_text()))
+    state = {k.removeprefix("state/"): g[k] for k in g.files if k.startswith("state/")}
+    params = jax.tree.map(jnp.asarray, ckpt.params_from_reference(state, cfg))
+    batch = {k: jnp.asarray(g[k]) for k in ("inputs", "labels", "puzzle_identifiers")}
+    return g, cfg, params, batch
+
+
+@pytest.mark.parametrize("name", ["tiny_mlp", "tiny_att"])
+def test_eval_logits_match_reference_every_act_step(name):
+    g, cfg, params, batch = golden(name)
+    carry = model.initial_carry(cfg, batch)
+    for step in range(cfg.N_sup):
+        carry, out = model.act_step(params, cfg, carry, batch)
+        assert_close(
+            out["logits"],
+            g["eval_logits"][step],
+            EVAL_ATOL[step],
+            what=f"{name} logits, ACT step {step + 1}",
+        )
+        assert_close(
+            out["q_halt"],
+            g["eval_q_halt_logits"][step],
+            EVAL_ATOL[step],
+            what=f"{name} q_halt, ACT step {step + 1}",
+        )
+    logits, q_halt = model.predict(params, cfg, batch["inputs"], batch["puzzle_identifiers"])
+    assert_close(logits, g["eval_logits"][-1], EVAL_ATOL[-1], what=f"{name} predict logits")
+    assert_close(q_halt, g["eval_q_halt_logits"][-1], EVAL_ATOL[-1], what=f"{name} predict q")
+
+
+@pytest.mark.parametrize("name", ["tiny_mlp", "tiny_att"])
+def test_train_loss_metrics_and_every_gradient_match_reference(name):
+    g, cfg, params, batch = golden(name)
+    B = batch["inputs"].shape[0]
+
+    def loss(p):
+        return model.loss_fn(
+            p, cfg, model.initial_carry(cfg, batch), batch, train=True, global_batch_size=B
+        )
+
+    (value, (_, metrics, _)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    assert_close(value, g["train_loss_over_batch"], 1e-6, 1e-6, what="loss / B")
+    for k in (
+        "count",
+        "accuracy",
+        "exact_accuracy",
+        "q_halt_accuracy",
+        "steps",
+        "lm_loss",
+        "q_halt_loss",
+    ):
+        assert_close(metrics[k], g[f"train_metric/{k}"], 1e-5, 1e-6, what=f"metric {k}")
+    checked = 0
+    for path, (key, transpose) in ckpt.reference_names(cfg).items():
+        if f"grad/{key}" in g.files:
+            expected = g[f"grad/{key}"].T if transpose else g[f"grad/{key}"]
+            assert_close(ckpt._get(grads, path), expected, 2e-6, 1e-4, what=f"grad {key}")
+            checked += 1
+    assert checked == len([k for k in g.files if k.startswith("grad/inner.")]) - 1
+    # The reference's sparse optimiser gets one gradient row per example; the table's
+    # gradient is their sum over the rows with the same puzzle id (all are id 0 here).
+    assert_close(
+        grads["puzzle_emb"][0],
+        g["grad/inner.puzzle_emb.local_weights"].sum(0),
+        1e-6,
+        1e-4,
+        what="puzzle embedding grad",
+    )
+
+
+def test_config_from_reference_yaml_dict_and_errors():
+    all_config = {
+        "arch": {
+            "name": "recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV1",
+            "loss": {"name": "losses@ACTLossHead", "loss_type": "stablemax_cross_entropy"},
+            "H_cycles": 3,
+            "L_cycles": 6,
+            "H_layers": 0,
+            "L_layers": 2,
+            "hidden_size": 512,
+            "num_heads": 8,
+            "expansion": 4,
+            "puzzle_emb_ndim": 512,
+            "pos_encodings": "none",
+            "mlp_t": True,
+            "halt_max_steps": 16,
+            "halt_exploration_prob": 0.1,
+            "forward_dtype": "bfloat16",
+            "puzzle_emb_len": 16,
+            "no_ACT_continue": True,
+        },
+        "lr": 1e-4,
+    }
+    cfg = model.Config.from_reference(all_config)
+    assert (cfg.T, cfg.n, cfg.D, cfg.N_sup, cfg.L, cfg.loss_type) == (
+        3,
+        6,
+        512,
+        16,
+        97,
+        "stablemax",
+    )
+    with pytest.raises(ValueError, match="hidden_sise"):
+        model.Config.from_reference({"hidden_sise": 3})
+    with pytest.raises(ValueError, match="pos_encodings"):
+        model.Config(pos_encodings="alibi")
+
+
+@pytest.mark.parametrize(
+    "mlp_t,pos,expected", [(True, "none", 5_028_866), (False, "rope", 6_828_034)]
+)
+def test_param_count_matches_reference(mlp_t, pos, expected):
+    """The counts the reference logs for its Sudoku configs (5M MLP, 7M attention)."""
+    cfg = model.Config(mlp_t=mlp_t, pos_encodings=pos)
+    shapes = jax.eval_shape(lambda k: model.init_params(k, cfg), jax.random.key(0))
+    assert model.num_params(shapes) == expected
+    assert model.swiglu_width(97, 4) == 512 and model.swiglu_width(512, 4) == 1536
+
+
+def test_init_matches_reference_statistics():
+    cfg = model.Config(D=256)
+    params = model.init_params(jax.random.key(0), cfg)
+    w = params["blocks"][0]["gate_up"]
+    assert abs(float(w.std()) - 256**-0.5) < 0.02 * 256**-0.5  # LeCun, truncated, exact std
+    assert float(jnp.abs(w).max()) <= 2 * 256**-0.5 / model.TRUNC_STD + 1e-6
+    assert not params["q_head"]["w"].any() and (params["q_head"]["b"] == -5).all()
+    assert not params["puzzle_emb"].any()
+
+
+def tiny(**overrides):
+    kwargs = dict(
+        vocab_size=11,
+        seq_len=81,
+        D=32,
+        heads=2,
+        T=2,
+        n=2,
+        N_sup=3,
+        puzzle_emb_ndim=32,
+        puzzle_emb_len=4,
+        forward_dtype="float32",
+        halt_exploration_prob=0.0,
+    )
+    return model.Config(**kwargs | overrides)
+
+
+def batch_of(key, B=4):
+    k1, k2 = jax.random.split(key)
+    return {
+        "inputs": jax.random.randint(k1, (B, 81), 1, 11),
+        "labels": jax.random.randint(k2, (B, 81), 2, 11),
+        "puzzle_identifiers": jnp.zeros((B,), jnp.int32),
+    }
+
+
+def test_no_gradient_reaches_the_first_T_minus_1_cycles():
+    """The gradient equals that of the last cycle alone, started from the values the T-1
+    no-grad cycles produce (held constant)."""
+    cfg = tiny(T=3)
+    params = model.init_params(jax.random.key(1), cfg)
+    batch = batch_of(jax.random.key(2))
+    y0 = jnp.broadcast_to(params["H_init"], (4, cfg.L, cfg.D))
+    z0 = jnp.broadcast_to(params["L_init"], (4, cfg.L, cfg.D))
+
+    def x_of(p):
+        return model.embed_input(p, cfg, batch["inputs"], batch["puzzle_identifiers"])
+
+    probe = jax.random.normal(jax.random.key(3), y0.shape)  # a generic linear read-out of y
+
+    def full(p):
+        y, _ = model.deep_recursion(p, cfg, x_of(p), y0, z0, None)
+        return jnp.sum(y * probe)
+
+    y, z = y0, z0
+    for _ in range(cfg.T - 1):
+        y, z = model.latent_recursion(params, cfg, x_of(params), y, z, None)
+
+    def last_cycle_only(p):
+        return jnp.sum(model.latent_recursion(p, cfg, x_of(p), y, z, None)[0] * probe)
+
+    g_full, g_last = jax.grad(full)(params), jax.grad(last_cycle_only)(params)
+    for a, b in zip(
+        jax.tree.leaves(g_full), jax.tree.leaves(g_last), strict=True
+    ):  # equal up to rounding
+        assert_close(a, b, 1e-5 * float(jnp.abs(b).max()), 1e-4, what="grad")
+    # ... and the carry the step returns is detached from the params.
+    carry_grad = jax.grad(
+        lambda p: jnp.sum(model.act_step(p, cfg, model.initial_carry(cfg, batch), batch)[0]["y"])
+    )(params)
+    assert not any(np.any(g) for g in jax.tree.leaves(carry_grad))
+
+
+def test_refill_resets_halted_rows_and_keeps_the_others():
+    cfg = tiny()
+    params = model.init_params(jax.random.key(0), cfg)
+    old, new = batch_of(jax.random.key(1)), batch_of(jax.random.key(2))
+    carry = model.initial_carry(cfg, old)
+    carry = carry | {
+        "y": carry["y"] + 3.0,
+        "z": carry["z"] - 3.0,
+        "data": old,
+        "steps": jnp.array([2, 1, 3, 2], jnp.int32),
+        "halted": jnp.array([True, False, True, False]),
+    }
+    out = model.refill(params, cfg, carry, new)
+    for r, halted in enumerate([True, False, True, False]):
+        h_init, l_init = (jnp.broadcast_to(params[k], (cfg.L, cfg.D)) for k in model.BUFFERS)
+        assert_close(out["y"][r], h_init if halted else carry["y"][r], 0)
+        assert_close(out["z"][r], l_init if halted else carry["z"][r], 0)
+        assert int(out["steps"][r]) == (0 if halted else int(carry["steps"][r]))
+        for k in new:
+            assert (out["data"][k][r] == (new if halted else old)[k][r]).all()
+
+
+def test_loss_uses_labels_of_the_rows_in_the_carry():
+    cfg = tiny(N_sup=5)
+    params = model.init_params(jax.random.key(0), cfg)  # q bias -5: no row halts early
+    first, second = batch_of(jax.random.key(1)), batch_of(jax.random.key(2))
+    carry, _ = model.act_step(params, cfg, model.initial_carry(cfg, first), first, train=True)
+    assert not carry["halted"].any()
+
+    def loss(b):
+        return model.loss_fn(params, cfg, carry, b, train=True, global_batch_size=4)[0]
+
+    assert float(loss(second)) == float(loss(first))  # `second` is not used by any row
+    carry = carry | {"halted": jnp.array([True, False, False, False])}
+    assert float(loss(second)) != float(loss(first))  # row 0 now takes `second`'s row 0
+
+
+def test_eval_runs_exactly_N_sup_steps_and_train_halts_on_q():
+    cfg = tiny(N_sup=4)
+    params = model.init_params(jax.random.key(0), cfg)
+    params["q_head"]["b"] = jnp.array([5.0, -5.0])  # q_halt > 0: wants to halt at once
+    batch = batch_of(jax.random.key(1))
+    carry = model.initial_carry(cfg, batch)
+    for step in range(1, cfg.N_sup + 1):
+        carry, _ = model.act_step(params, cfg, carry, batch)
+        assert bool(carry["halted"].all()) == (step == cfg.N_sup), step
+    carry, _ = model.act_step(params, cfg, model.initial_carry(cfg, batch), batch, train=True)
+    assert carry["halted"].all()
+    min_steps = jnp.array([0, 3, 0, 3])  # exploration: rows 1 and 3 must run 3 steps
+    carry, _ = model.act_step(
+        params, cfg, model.initial_carry(cfg, batch), batch, train=True, min_steps=min_steps
+    )
+    assert carry["halted"].tolist() == [True, False, True, False]
+
+
+def test_exploration_draws():
+    cfg = tiny(N_sup=16, halt_exploration_prob=0.25)
+    m = np.asarray(model.exploration_min_steps(jax.random.key(0), cfg, 20000))
+    assert abs((m > 0).mean() - 0.25) < 0.02
+    assert m[m > 0].min() == 2 and m.max() == 16
+
+
+def test_stablemax_matches_its_formula_and_has_finite_gradients():
+    x = jnp.array([[-3.0, -0.5, 0.0, 1.0, 2.5]])
+    s = np.where(x < 0, 1 / (1 - x), x + 1)
+    assert_close(jnp.exp(model.log_stablemax(x)), s / s.sum(), 1e-7)
+    grad = jax.grad(lambda x: model.log_stablemax(x)[0, 3])(x)  # x = 1 exactly: no inf branch
+    assert np.isfinite(grad).all()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(loss_type="softmax"),
+        dict(no_ACT_continue=False),
+        dict(pos_encodings="learned", mlp_t=False),
+        dict(forward_dtype="bfloat16"),
+        dict(puzzle_emb_ndim=0),
+    ],
+)
+def test_options_train(overrides):
+    """Each option gives a finite loss, and a few Adam steps on one batch lower it."""
+    cfg = tiny(**overrides)
+    params = model.init_params(jax.random.key(0), cfg)
+    batch = batch_of(jax.random.key(1))
+    carry = model.initial_carry(cfg, batch)
+
+    @jax.jit
+    def loss_and_grad(p):
+        return jax.value_and_grad(
+            lambda p: model.loss_fn(p, cfg, carry, batch, train=True, global_batch_size=4)[0]
+        )(p)
+
+    losses = []
+    for _ in range(5):
+        loss, grads = loss_and_grad(params)
+        losses.append(float(loss))
+        params = jax.tree.map(lambda p, g: p - 1e-2 * jnp.sign(g), params, grads)
+    assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+    if not cfg.no_ACT_continue:  # the Q-continue head now gets a gradient
+        _, (_, metrics, _) = model.loss_fn(
+            params, cfg, carry, batch, train=True, global_batch_size=4
+        )
+        assert float(metrics["q_continue_loss"]) > 0
+
+
+def test_bfloat16_forward_is_close_to_float32():
+    g, cfg, params, batch = golden("tiny_mlp")
+    logits, _ = model.predict(
+        params, dataclasses.replace(cfg, forward_dtype="bfloat16"), batch["inputs"], n_sup=1
+    )
+    assert logits.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(logits, np.float32) - g["eval_logits"][0])
+    scale = np.abs(g["eval_logits"][0]).max()
+    assert err.mean() < 0.02 * scale and err.max() < 0.1 * scale, (err.mean(), err.max(), scale)
+
+
+def test_reference_import_refuses_mismatched_state():
+    g, cfg, _, _ = golden("tiny_mlp")
+    state = {
+        "_orig_mod.model." + k.removeprefix("state/"): g[k]
+        for k in g.files
+        if k.startswith("state/")
+    }
+    ckpt.params_from_reference(state, cfg)  # the torch.compile prefix is accepted
+    bad = dict(state)
+    bad.pop("_orig_mod.model.inner.lm_head.weight")
+    bad["_orig_mod.model.inner.extra"] = np.zeros(3)
+    with pytest.raises(ValueError, match=r"missing \['inner.lm_head.weight'\].*inner.extra"):
+        ckpt.params_from_reference(bad, cfg)
+    bad = dict(state, **{"_orig_mod.model.inner.q_head.weight": np.zeros((3, 32))})
+    with pytest.raises(ValueError, match="inner.q_head.weight"):
+        ckpt.params_from_reference(bad, cfg)
