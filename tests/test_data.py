@@ -1,0 +1,177 @@
+"""data.py: valid puzzles, faithful augmentations, strict CSV reading, reproducible batches."""
+
+import json
+
+import numpy as np
+import pytest
+
+import data
+
+GIVENS = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
+SOLUTION = "534678912672195348198342567859761423426853791713924856961537284287419635345286179"
+
+
+def grid(text):
+    return np.array([0 if c in ".0" else int(c) for c in text], np.uint8)
+
+
+def write_csv(path, rows, header="source,question,answer,rating"):
+    path.write_text("\n".join([header] + [",".join(r) for r in rows]) + "\n")
+    return str(path)
+
+
+def test_solver_finds_the_unique_solution_and_detects_ambiguity():
+    assert data.solve(grid(GIVENS)) == [list(grid(SOLUTION))]
+    ambiguous = grid(GIVENS)
+    ambiguous[:9] = 0  # the first row blank: still solvable, no longer unique
+    assert len(data.solve(ambiguous)) == 2
+    clash = grid(GIVENS)
+    clash[2] = 5  # two 5s in row 1
+    assert data.solve(clash) == []
+
+
+def test_generated_puzzles_are_unique_consistent_and_within_the_blank_range():
+    questions, answers = data.generate(60, 40, 50, seed=3)
+    blanks = (questions == 0).sum(1)
+    assert blanks.min() >= 40 and blanks.max() <= 50
+    assert data._valid_grids(answers).all()
+    for q, a in zip(questions, answers, strict=True):
+        assert ((q == 0) | (q == a)).all()
+        assert data.solve(q) == [list(a)]  # exactly one solution, and it is the answer
+    again = data.generate(60, 40, 50, seed=3)
+    assert (again[0] == questions).all()  # seeded
+
+
+def test_augmentations_keep_puzzles_valid_and_consistent():
+    rng = np.random.default_rng(0)
+    q, a = data.augment(grid(GIVENS), grid(SOLUTION), 200, rng)
+    assert data._valid_grids(a).all()
+    assert ((q == 0) | (q == a)).all()
+    assert ((q == 0).sum(1) == (grid(GIVENS) == 0).sum()).all()  # blanks stay blanks
+    assert len({bytes(x) for x in q}) == 200
+    for k in range(5):
+        assert data.solve(q[k]) == [list(a[k])]
+
+
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        (["x", GIVENS, SOLUTION], r"t.csv:2: 3 columns, expected 4"),
+        (["x", GIVENS[:80] + "a", SOLUTION, "0"], r"t.csv:2: question has 'a' at cell 80"),
+        (["x", GIVENS, SOLUTION[:-1], "0"], r"t.csv:2: answer has 80 characters"),
+        (
+            ["x", "1" + GIVENS[1:], SOLUTION, "0"],
+            r"t.csv:2: question and answer disagree at cell 0 "
+            r"\(row 1, column 1\): given 1, answer 5",
+        ),
+        (["x", "." * 81, SOLUTION[1:] + "5", "0"], r"t.csv:2: answer is not a valid Sudoku: row 1"),
+    ],
+)
+def test_csv_reader_rejects_bad_rows_naming_file_line_and_value(tmp_path, row, message):
+    path = write_csv(tmp_path / "t.csv", [row])
+    with pytest.raises(ValueError, match=message):
+        data.read_csv(path)
+
+
+def test_csv_reader_header_blanks_and_rating(tmp_path):
+    with pytest.raises(ValueError, match="header"):
+        data.read_csv(write_csv(tmp_path / "h.csv", [], header="q,a"))
+    path = write_csv(
+        tmp_path / "ok.csv",
+        [["a", GIVENS, SOLUTION], ["b", GIVENS.replace(".", "0"), SOLUTION]],
+        header="source,question,answer",
+    )
+    q, a = data.read_csv(path)
+    assert (q[0] == q[1]).all() and (q[0] == grid(GIVENS)).all() and (a == grid(SOLUTION)).all()
+    rated = write_csv(
+        tmp_path / "r.csv", [["a", GIVENS, SOLUTION, "3"], ["b", GIVENS, SOLUTION, "9"]]
+    )
+    assert len(data.read_csv(rated, min_rating=5)[0]) == 1
+
+
+def test_build_sudoku_writes_the_reference_layout(tmp_path):
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    rng = np.random.default_rng(0)
+    q, a = data.augment(grid(GIVENS), grid(SOLUTION), 30, rng)
+    rows = [
+        ["s", "".join(map(str, x)).replace("0", "."), "".join(map(str, y)), "0"]
+        for x, y in zip(q, a, strict=True)
+    ]
+    write_csv(csv_dir / "train.csv", rows[:20])
+    write_csv(csv_dir / "test.csv", rows[20:])
+    out = tmp_path / "ds"
+    data.build_sudoku(str(csv_dir), str(out), subsample=5, num_aug=3, seed=1)
+    meta = json.loads((out / "train" / "dataset.json").read_text())
+    assert meta["vocab_size"] == 11 and meta["seq_len"] == 81 and meta["total_groups"] == 5
+    train = data.load([str(out)], "train")
+    assert train["inputs"].shape == (20, 81) and train["group_indices"].tolist() == [
+        0,
+        4,
+        8,
+        12,
+        16,
+        20,
+    ]
+    assert train["inputs"].min() == 1 and train["labels"].min() == 2  # blank 1, digits 2..10
+    assert data._valid_grids(np.asarray(train["labels"]) - 1).all()
+    test = data.load([str(out)], "test")
+    assert len(test["inputs"]) == 10
+    again = tmp_path / "ds2"
+    data.build_sudoku(str(csv_dir), str(again), subsample=5, num_aug=3, seed=1)
+    assert (data.load([str(again)], "train")["inputs"] == train["inputs"]).all()  # seeded
+    merged = data.load([str(out), str(again)], "train")
+    assert merged["group_indices"][-1] == 40 and merged["meta"]["num_puzzle_identifiers"] == 2
+    assert merged["puzzle_identifiers"][20:].min() == 1  # ids of the second set are offset
+
+
+@pytest.fixture(scope="module")
+def builtin(tmp_path_factory):
+    path = tmp_path_factory.mktemp("builtin")
+    return data.build_builtin(
+        str(path), num_train=40, num_test=15, min_blanks=40, max_blanks=45, num_aug=3, seed=0
+    )
+
+
+def test_builtin_test_set_is_held_out(builtin):
+    train, test = data.load([builtin], "train"), data.load([builtin], "test")
+    seen = {bytes(x) for x in np.asarray(train["inputs"])}
+    assert not any(bytes(x) in seen for x in np.asarray(test["inputs"]))
+    assert ((np.asarray(test["inputs"]) == 1).sum(1) >= 40).all()
+
+
+def test_sampler_epochs_are_permutations_of_groups_and_resume_exactly(builtin):
+    ds = data.load([builtin], "train")
+    sample = data.train_sampler(ds, batch_size=8, seed=5)
+    batches, cursor = [], 0
+    for _ in range(10):  # 80 draws = 2 epochs of 40 groups
+        batch, cursor = sample(cursor)
+        batches.append(batch)
+    groups = [
+        np.searchsorted(ds["group_indices"], _example_of(ds, b), side="right") - 1 for b in batches
+    ]
+    first, second = np.concatenate(groups[:5]), np.concatenate(groups[5:])
+    assert sorted(first) == list(range(40)) and sorted(second) == list(range(40))
+    assert (first != second).any()
+    resumed, _ = data.train_sampler(ds, 8, seed=5)(56)  # a fresh sampler at batch 7's cursor
+    for k in resumed:
+        assert (resumed[k] == batches[7][k]).all()
+    other, _ = data.train_sampler(ds, 8, seed=6)(0)
+    assert (other["inputs"] != batches[0]["inputs"]).any()
+
+
+def _example_of(ds, batch):
+    inputs = np.asarray(ds["inputs"])
+    return np.array([np.flatnonzero((inputs == row).all(1))[0] for row in batch["inputs"]])
+
+
+def test_eval_batches_walk_the_test_set_and_pad_the_last(builtin):
+    test = data.load([builtin], "test")
+    batches = list(data.eval_batches(test, 4))
+    n = len(test["inputs"])
+    assert len(batches) == -(-n // 4)
+    flat = np.concatenate([b["inputs"] for b in batches])
+    assert (flat[:n] == test["inputs"]).all() and (flat[n:] == data.PAD).all()
+    labels = np.concatenate([b["labels"] for b in batches])
+    assert (labels[n:] == data.IGNORE_LABEL).all()
+    assert sum(len(b["inputs"]) for b in data.eval_batches(test, 4, max_examples=5)) == 8
