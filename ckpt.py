@@ -1,4 +1,7 @@
-"""Checkpoints: import of weights saved by the official PyTorch TRM.
+"""Storage: run directories (local or gs://) and import of weights saved by the official TRM.
+
+`kvstore(path)` opens a local directory or a gs://bucket/prefix as a tensorstore key-value
+store: the one code path for files of a run, wherever they live.
 
 `params_from_reference(state, cfg)` maps a reference `state_dict()` (as numpy arrays, keys
 as the reference names them, with or without the `_orig_mod.model.` prefix that its
@@ -6,12 +9,27 @@ torch.compile'd training adds) onto `model.init_params`' pytree, strictly: a mis
 or mis-shaped tensor is an error that names the keys.
 """
 
+import os
+
 import jax
 import numpy as np
+import tensorstore as ts
 
 import model
 
 REFERENCE_PREFIXES = ("_orig_mod.", "model.")
+
+
+def kvstore(path: str):
+    """A tensorstore key-value store at a local directory or a gs://bucket/prefix URL."""
+    url = path if "://" in path else "file://" + os.path.abspath(path)
+    return ts.KvStore.open(url.rstrip("/") + "/").result()
+
+
+def read_text(store, key: str) -> str:
+    """The text stored under `key`, or '' if there is none."""
+    found = store.read(key).result()
+    return found.value.decode() if found.state == "value" else ""
 
 
 def reference_names(cfg: model.Config) -> dict:

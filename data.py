@@ -353,30 +353,30 @@ def _merge(ds, part, meta, path):
     }
 
 
-def _collate(ds, example_idx, puzzle_idx, size):
-    """int32 batch of `size` rows (PAD / ignored / blank-id rows after the real ones)."""
-    pad = size - len(example_idx)
-    labels = np.asarray(ds["labels"][example_idx], np.int32)
-    if ds["meta"]["ignore_label_id"] is not None:
-        labels[labels == ds["meta"]["ignore_label_id"]] = IGNORE_LABEL
+def _collate(ds, example_idx, puzzle_idx, size, rows):
+    """The `rows` (a slice: this process's share) of an int32 batch of `size` rows; rows past
+    the given examples are padding: PAD inputs, ignored labels, the blank puzzle id."""
+    example_idx = np.pad(example_idx, (0, size - len(example_idx)), constant_values=-1)[rows]
+    puzzle_idx = np.pad(puzzle_idx, (0, size - len(puzzle_idx)), constant_values=-1)[rows]
+    real, meta = example_idx >= 0, ds["meta"]
     batch = {
-        "inputs": np.asarray(ds["inputs"][example_idx], np.int32),
-        "labels": labels,
-        "puzzle_identifiers": np.asarray(ds["puzzle_identifiers"][puzzle_idx], np.int32),
+        "inputs": np.full((len(real), meta["seq_len"]), meta["pad_id"], np.int32),
+        "labels": np.full((len(real), meta["seq_len"]), IGNORE_LABEL, np.int32),
+        "puzzle_identifiers": np.full(len(real), meta["blank_identifier_id"], np.int32),
     }
-    fill = {
-        "inputs": ds["meta"]["pad_id"],
-        "labels": IGNORE_LABEL,
-        "puzzle_identifiers": ds["meta"]["blank_identifier_id"],
-    }
-    return {
-        k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1), constant_values=fill[k])
-        for k, v in batch.items()
-    }
+    batch["inputs"][real] = ds["inputs"][example_idx[real]]
+    labels = np.asarray(ds["labels"][example_idx[real]], np.int32)
+    if meta["ignore_label_id"] is not None:
+        labels[labels == meta["ignore_label_id"]] = IGNORE_LABEL
+    batch["labels"][real] = labels
+    batch["puzzle_identifiers"][real] = ds["puzzle_identifiers"][puzzle_idx[real]]
+    return batch
 
 
-def train_sampler(ds, batch_size, seed):
-    """sample(cursor) -> (global batch, next cursor); cursor = groups drawn so far.
+def train_sampler(ds, batch_size, seed, rows=slice(None)):
+    """sample(cursor) -> (batch, next cursor); cursor = groups drawn so far.
+
+    Every process draws the same global batch and loads only its `rows` of it.
 
     Position p of the endless group stream is group perm_e[p % G] of epoch e = p // G, where
     perm_e and the member drawn from each group come from an RNG seeded with (seed, e). A
@@ -408,13 +408,14 @@ def train_sampler(ds, batch_size, seed):
             examples.extend(pi[p] + np.asarray(chosen))
             puzzles.extend([p] * take)
             cursor += 1
-        return _collate(ds, np.array(examples), np.array(puzzles), batch_size), cursor
+        return _collate(ds, np.array(examples), np.array(puzzles), batch_size, rows), cursor
 
     return sample
 
 
-def eval_batches(ds, batch_size, max_examples=None):
-    """The test set in order (or a fixed random subset of max_examples), in padded batches."""
+def eval_batches(ds, batch_size, max_examples=None, rows=slice(None)):
+    """The test set in order (or a fixed random subset of max_examples), in padded batches
+    of which this process loads `rows`."""
     n = len(ds["inputs"])
     idx = np.arange(n)
     if max_examples is not None and max_examples < n:
@@ -422,7 +423,7 @@ def eval_batches(ds, batch_size, max_examples=None):
     puzzle_of = np.searchsorted(np.asarray(ds["puzzle_indices"]), idx, side="right") - 1
     for start in range(0, len(idx), batch_size):
         sel = slice(start, start + batch_size)
-        yield _collate(ds, idx[sel], puzzle_of[sel], batch_size)
+        yield _collate(ds, idx[sel], puzzle_of[sel], batch_size, rows)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -1,0 +1,191 @@
+"""train.py: optimiser, schedule, EMA, data-parallel equivalence, and a short real run."""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+from test_model import assert_close, batch_of, tiny
+
+import ema
+import train
+
+ROOT = pathlib.Path(__file__).parents[1]
+if not flags.FLAGS.is_parsed():
+    flags.FLAGS(["pytest"])
+
+
+def test_adam_atan2_matches_a_numpy_transcription():
+    lr, b1, b2, wd = 1e-2, 0.9, 0.95, 0.5
+    tx = train.adam_atan2(lambda t: lr * t / 3, b1, b2, wd)  # a schedule: lr depends on t
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=(5, 3)).astype(np.float32)
+    params, state = jnp.asarray(p), tx.init(jnp.asarray(p))
+    m = v = np.zeros_like(p, np.float64)
+    p = p.astype(np.float64)
+    for t in range(1, 6):
+        g = rng.normal(size=p.shape)
+        updates, state = tx.update(jnp.asarray(g, jnp.float32), state, params)
+        params = optax.apply_updates(params, updates)
+        lr_t = lr * t / 3
+        p = p * (1 - lr_t * wd)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        p = p - lr_t / (1 - b1**t) * np.arctan2(m, np.sqrt(v) / np.sqrt(1 - b2**t))
+        assert_close(params, p, 1e-6, 1e-5, what=f"AdamATan2 step {t}")
+
+
+def test_sign_sgd_moves_only_the_rows_in_the_batch():
+    tx = train.sign_sgd_rows(lambda t: 0.1, weight_decay=2.0)
+    table = jnp.array([[1.0, -1.0], [2.0, 2.0], [3.0, 0.0]])
+    grads = jnp.array([[0.5, -0.2], [0.0, 0.0], [0.0, 3.0]])
+    updates, _ = tx.update(grads, tx.init(table), table, rows=jnp.array([True, True, False]))
+    new = optax.apply_updates(table, updates)
+    expected = [[1 * 0.8 - 0.1, -1 * 0.8 + 0.1], [2 * 0.8, 2 * 0.8], [3.0, 0.0]]
+    assert_close(new, expected, 1e-6, what="SignSGD rows")  # row 1 decays, row 2 is untouched
+
+
+def test_lr_schedule_warmup_then_constant_or_cosine():
+    constant = train.lr_schedule(1e-4, warmup_steps=10, total_steps=110, min_ratio=1.0)
+    cosine = train.lr_schedule(1e-4, warmup_steps=10, total_steps=110, min_ratio=0.1)
+    assert_close(
+        [constant(s) for s in (0, 1, 5, 10, 60, 110)], [0, 1e-5, 5e-5, 1e-4, 1e-4, 1e-4], 0, 1e-6
+    )
+    assert_close([cosine(s) for s in (10, 60, 110)], [1e-4, 0.55e-4, 0.1e-4], 0, 1e-6)
+
+
+def test_ema_update():
+    shadow, params = {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, 0.0])}
+    assert_close(ema.update(shadow, params, 0.9)["w"], [1.2, 1.8], 1e-7)
+    assert ema.init(params)["w"] is not params["w"]  # a copy: donation-safe
+
+
+def run_steps(cfg, num_devices, batches):
+    """Train steps on a mesh of `num_devices` devices; returns the losses and final state."""
+    mesh = jax.make_mesh(
+        (num_devices,),
+        ("data",),
+        axis_types=(jax.sharding.AxisType.Auto,),
+        devices=jax.devices()[:num_devices],
+    )
+    B = batches[0]["inputs"].shape[0]
+    with flagsaver.flagsaver(lr=1e-2, lr_warmup_steps=0, puzzle_emb_lr=1e-2):
+        tx, _ = train.optimizer(total_steps=100)
+    state = train.init_state(cfg, tx, batches[0], mesh, seed=0, use_ema=True)
+    train_step, _ = train.make_steps(cfg, mesh, tx, B, ema_rate=0.9)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    losses, norms = [], []
+    for batch in batches:
+        state, metrics = train_step(state, jax.device_put(batch, sharding))
+        losses.append(float(metrics["loss"]))
+        norms.append(float(metrics["grad_norm"]))
+    return losses, norms, jax.device_get(state)
+
+
+@pytest.mark.parametrize("mlp_t", [True, False])
+def test_data_parallel_equals_single_device(mlp_t):
+    """8 devices, each with an eighth of the batch: the same losses, gradient norms, params,
+    EMA and carry as 1 device (exploration on, so its draws must not depend on the split)."""
+    cfg = tiny(mlp_t=mlp_t, pos_encodings="none" if mlp_t else "rope", halt_exploration_prob=0.5)
+    batches = [batch_of(jax.random.key(i), B=16) for i in range(4)]
+    one = run_steps(cfg, 1, batches)
+    four = run_steps(cfg, 8, batches)
+    assert_close(four[0], one[0], 1e-6, 1e-5, what="losses")
+    assert_close(four[1], one[1], 1e-6, 1e-4, what="grad norms")
+    leaves = zip(jax.tree_util.tree_leaves_with_path(four[2]), jax.tree.leaves(one[2]), strict=True)
+    for (path, a), b in leaves:
+        if jnp.issubdtype(a.dtype, jnp.floating):  # the recursion amplifies rounding in the carry
+            atol = 5e-4 if "carry" in jax.tree_util.keystr(path) else 1e-5
+            assert_close(a, b, atol, 1e-4, what=jax.tree_util.keystr(path))
+        elif not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            assert (np.asarray(a) == np.asarray(b)).all(), jax.tree_util.keystr(path)
+
+
+def test_short_training_run_lowers_the_loss(tmp_path):
+    """The real entry point on built-in data: the loss falls and every file is written."""
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--builtin_train=60",
+        "--builtin_test=20",
+        "--builtin_blanks=40,45",
+        "--builtin_aug=4",
+        f"--builtin_dir={tmp_path}",
+        f"--workdir={tmp_path / 'run'}",
+        "--hidden_size=32",
+        "--num_heads=2",
+        "--H_cycles=2",
+        "--L_cycles=1",
+        "--halt_max_steps=2",
+        "--puzzle_emb_len=1",
+        "--global_batch_size=16",
+        "--forward_dtype=float32",
+        "--lr=3e-3",
+        "--lr_warmup_steps=5",
+        "--epochs=16",
+        "--eval_interval=8",
+        "--log_every=10",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "steps/s" in out.stdout and "ETA" in out.stdout and "eval @ 60" in out.stdout
+    logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    train_losses = [m["train/loss"] for m in logs if "train/loss" in m]
+    assert train_losses[-1] < 0.8 * train_losses[0], train_losses
+    evals = [m for m in logs if "eval/accuracy" in m]
+    assert [m["step"] for m in evals] == [30, 60]
+    assert {"eval/exact_accuracy_step1", "eval/exact_accuracy_step2"} <= set(evals[-1])
+    assert "--hidden_size=32" in (tmp_path / "run" / "flags.txt").read_text()
+    assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+
+
+def test_nan_loss_stops_the_run_with_the_step(tmp_path):
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--builtin_train=20",
+        "--builtin_test=8",
+        "--builtin_aug=0",
+        f"--builtin_dir={tmp_path}",
+        "--hidden_size=16",
+        "--num_heads=2",
+        "--H_cycles=1",
+        "--L_cycles=1",
+        "--halt_max_steps=2",
+        "--global_batch_size=8",
+        "--forward_dtype=float32",
+        "--lr=1e30",
+        "--lr_warmup_steps=0",
+        "--epochs=4",
+        "--eval_interval=4",
+        "--log_every=1",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300, cwd=ROOT)
+    assert out.returncode != 0
+    assert "The loss became NaN/Inf at step" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--data_paths=/nonexistent"], "No dataset at /nonexistent/train/dataset.json"),
+        (["--global_batch_size=6"], "--global_batch_size=6 does not divide over 4 devices"),
+        (["--H_cycles=0", "--builtin_train=4", "--builtin_test=4"], r"Invalid Config \(T/n"),
+    ],
+)
+def test_user_mistakes_are_reported_without_a_traceback(tmp_path, args, message):
+    cmd = [sys.executable, "train.py", f"--builtin_dir={tmp_path}", *args]
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT, env=env)
+    assert out.returncode != 0
+    assert re.search(message, out.stderr), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]

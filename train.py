@@ -1,0 +1,598 @@
+"""Train a Tiny Recursive Model on Sudoku, data parallel over every device.
+
+  # The default CPU job: built-in puzzles, a small TRM, ~10 minutes on 2 cores:
+  python train.py --flagfile=configs/sudoku_cpu.flags --workdir=runs/sudoku_cpu
+  # The paper's Sudoku-Extreme MLP run (build the data first, see data.py):
+  python train.py --flagfile=configs/sudoku_mlp.flags --workdir=runs/sudoku_mlp
+  # Flags after the flagfile override it:
+  python train.py --flagfile=configs/sudoku_mlp.flags --H_cycles=2 --workdir=runs/T2
+
+Flag names are the reference's hyperparameter names (pretrain.py, config/arch/trm.yaml), so
+`python pretrain.py key=value` becomes `python train.py --key=value`; the defaults are its
+Sudoku-Extreme MLP run. Without --data_paths, built-in puzzles are generated (data.py).
+"""
+
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import ckpt
+import data
+import ema
+import model
+
+# data
+_DATA_PATHS = flags.DEFINE_list("data_paths", [], "dataset folders (data.py); empty = built-in")
+_BUILTIN_TRAIN = flags.DEFINE_integer("builtin_train", 2000, "built-in data: training puzzles")
+_BUILTIN_TEST = flags.DEFINE_integer("builtin_test", 1000, "built-in data: held-out test puzzles")
+_BUILTIN_BLANKS = flags.DEFINE_list("builtin_blanks", ["40", "50"], "built-in: min,max blanks")
+_BUILTIN_AUG = flags.DEFINE_integer("builtin_aug", 100, "built-in: augmentations per puzzle")
+_BUILTIN_DIR = flags.DEFINE_string("builtin_dir", "data", "where built-in datasets are cached")
+# schedule
+_GLOBAL_BATCH_SIZE = flags.DEFINE_integer("global_batch_size", 768, "rows per step, all devices")
+_LR_SCALING = flags.DEFINE_enum(
+    "lr_scaling", "none", ["none", "linear", "sqrt"], "scale lr, puzzle_emb_lr by batch/base"
+)
+_BASE_BATCH_SIZE = flags.DEFINE_integer("base_batch_size", 768, "batch the lrs are given for")
+_EPOCHS = flags.DEFINE_integer("epochs", 50000, "epochs (one draw per puzzle group each)")
+_EVAL_INTERVAL = flags.DEFINE_integer("eval_interval", 5000, "evaluate every this many epochs")
+_MAX_STEPS = flags.DEFINE_integer("max_steps", None, "stop early (the LR schedule is unchanged)")
+_EVAL_MAX_EXAMPLES = flags.DEFINE_integer("eval_max_examples", None, "cap on test examples")
+_EVAL_BATCH_SIZE = flags.DEFINE_integer("eval_batch_size", None, "default: global_batch_size")
+_LOG_EVERY = flags.DEFINE_integer("log_every", 100, "steps between progress lines and metrics")
+# model (reference arch keys)
+_HIDDEN_SIZE = flags.DEFINE_integer("hidden_size", 512, "D")
+_NUM_HEADS = flags.DEFINE_integer("num_heads", 8, "attention heads")
+_EXPANSION = flags.DEFINE_float("expansion", 4.0, "SwiGLU expansion")
+_H_CYCLES = flags.DEFINE_integer("H_cycles", 3, "T: outer cycles per supervision step")
+_L_CYCLES = flags.DEFINE_integer("L_cycles", 6, "n: z updates per cycle")
+_L_LAYERS = flags.DEFINE_integer("L_layers", 2, "blocks in the network")
+_MLP_T = flags.DEFINE_bool("mlp_t", True, "MLP over the sequence instead of attention")
+_POS_ENCODINGS = flags.DEFINE_enum("pos_encodings", "none", ["rope", "learned", "none"], "")
+_PUZZLE_EMB_NDIM = flags.DEFINE_integer("puzzle_emb_ndim", None, "default: hidden_size")
+_PUZZLE_EMB_LEN = flags.DEFINE_integer("puzzle_emb_len", 16, "prefix positions")
+_HALT_MAX_STEPS = flags.DEFINE_integer("halt_max_steps", 16, "N_sup: max supervision steps")
+_HALT_EXPLORATION_PROB = flags.DEFINE_float("halt_exploration_prob", 0.1, "")
+_RMS_NORM_EPS = flags.DEFINE_float("rms_norm_eps", 1e-5, "")
+_ROPE_THETA = flags.DEFINE_float("rope_theta", 10000.0, "")
+_FORWARD_DTYPE = flags.DEFINE_enum("forward_dtype", "bfloat16", list(model.DTYPES), "")
+_NO_ACT_CONTINUE = flags.DEFINE_bool("no_ACT_continue", True, "False: add the Q-continue loss")
+_LOSS_TYPE = flags.DEFINE_enum("loss_type", "stablemax", ["stablemax", "softmax"], "")
+# optimizer
+_OPTIMIZER = flags.DEFINE_enum("optimizer", "adam_atan2", ["adam_atan2", "adamw"], "")
+_LR = flags.DEFINE_float("lr", 1e-4, "peak learning rate")
+_LR_MIN_RATIO = flags.DEFINE_float("lr_min_ratio", 1.0, "cosine floor / peak; 1 = constant")
+_LR_WARMUP_STEPS = flags.DEFINE_integer("lr_warmup_steps", 2000, "linear warm-up from 0")
+_BETA1 = flags.DEFINE_float("beta1", 0.9, "")
+_BETA2 = flags.DEFINE_float("beta2", 0.95, "")
+_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 1.0, "decoupled, times lr")
+_PUZZLE_EMB_LR = flags.DEFINE_float("puzzle_emb_lr", 1e-4, "SignSGD lr of the puzzle table")
+_PUZZLE_EMB_WEIGHT_DECAY = flags.DEFINE_float("puzzle_emb_weight_decay", 1.0, "")
+# ema
+_EMA = flags.DEFINE_bool("ema", True, "evaluate an EMA of the weights")
+_EMA_RATE = flags.DEFINE_float("ema_rate", 0.999, "")
+# system
+_SEED = flags.DEFINE_integer("seed", 0, "params, data order and exploration")
+_WORKDIR = flags.DEFINE_string("workdir", None, "flags.txt, metrics.jsonl, TensorBoard events")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "multi-host: jax.distributed.initialize() finds the hosts (TPU VMs)"
+)
+_COORDINATOR_ADDRESS = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the run")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process, 0..num_processes-1")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300, "seconds to wait for every process to join"
+)
+
+
+def model_config(meta) -> model.Config:
+    return model.Config(
+        vocab_size=meta["vocab_size"],
+        seq_len=meta["seq_len"],
+        num_puzzle_identifiers=meta["num_puzzle_identifiers"],
+        D=_HIDDEN_SIZE.value,
+        heads=_NUM_HEADS.value,
+        expansion=_EXPANSION.value,
+        T=_H_CYCLES.value,
+        n=_L_CYCLES.value,
+        layers=_L_LAYERS.value,
+        N_sup=_HALT_MAX_STEPS.value,
+        halt_exploration_prob=_HALT_EXPLORATION_PROB.value,
+        mlp_t=_MLP_T.value,
+        pos_encodings=_POS_ENCODINGS.value,
+        puzzle_emb_len=_PUZZLE_EMB_LEN.value,
+        puzzle_emb_ndim=(
+            _HIDDEN_SIZE.value if _PUZZLE_EMB_NDIM.value is None else _PUZZLE_EMB_NDIM.value
+        ),
+        rms_norm_eps=_RMS_NORM_EPS.value,
+        rope_theta=_ROPE_THETA.value,
+        forward_dtype=_FORWARD_DTYPE.value,
+        no_ACT_continue=_NO_ACT_CONTINUE.value,
+        loss_type=_LOSS_TYPE.value,
+    )
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def lr_schedule(base_lr, warmup_steps, total_steps, min_ratio):
+    """The reference's: linear warm-up from 0, then cosine to min_ratio * base_lr; `step` is
+    1 at the first update."""
+
+    def schedule(step):
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        cosine = min_ratio + jnp.maximum(
+            0.0, (1 - min_ratio) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+        )
+        return base_lr * jnp.where(step < warmup_steps, step / max(1, warmup_steps), cosine)
+
+    return schedule
+
+
+def adam_atan2(lr, b1, b2, weight_decay) -> optax.GradientTransformation:
+    """AdamATan2 as the reference's CUDA package computes it, per element at step t:
+    p <- p (1 - lr wd) - lr / (1 - b1^t) * atan2(m, sqrt(v) / sqrt(1 - b2^t)), no epsilon."""
+
+    def init(params):
+        return {
+            "count": jnp.zeros([], jnp.int32),
+            "m": jax.tree.map(jnp.zeros_like, params),
+            "v": jax.tree.map(jnp.zeros_like, params),
+        }
+
+    def update(grads, state, params):
+        t = state["count"] + 1
+        m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state["m"], grads)
+        v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state["v"], grads)
+        step, sqrt_c2 = lr(t) / (1 - b1**t), jnp.sqrt(1 - b2**t)
+        updates = jax.tree.map(
+            lambda p, m, v: (
+                -lr(t) * weight_decay * p - step * jnp.arctan2(m, jnp.sqrt(v) / sqrt_c2)
+            ),
+            params,
+            m,
+            v,
+        )
+        return updates, {"count": t, "m": m, "v": v}
+
+    return optax.GradientTransformation(init, update)
+
+
+def sign_sgd_rows(lr, weight_decay) -> optax.GradientTransformationExtraArgs:
+    """The puzzle table's optimiser: only the rows used by the batch (`rows`, a bool per
+    row) move, by w <- w (1 - lr wd) - lr sign(g), as the reference's sparse SignSGD."""
+
+    def init(params):
+        return {"count": jnp.zeros([], jnp.int32)}
+
+    def update(grads, state, params, *, rows, **_):
+        t = state["count"] + 1
+        updates = jax.tree.map(
+            lambda p, g: jnp.where(rows[:, None], -lr(t) * (weight_decay * p + jnp.sign(g)), 0.0),
+            params,
+            grads,
+        )
+        return updates, {"count": t}
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def optimizer(total_steps):
+    """AdamATan2 (or AdamW) on the weights, row-sparse SignSGD on the puzzle table; both lrs
+    scaled by --lr_scaling (global batch / --base_batch_size, or its square root)."""
+    sched = functools.partial(
+        lr_schedule,
+        warmup_steps=_LR_WARMUP_STEPS.value,
+        total_steps=total_steps,
+        min_ratio=_LR_MIN_RATIO.value,
+    )
+    ratio = _GLOBAL_BATCH_SIZE.value / _BASE_BATCH_SIZE.value
+    scale = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[_LR_SCALING.value]
+    lr = sched(_LR.value * scale)
+    if _OPTIMIZER.value == "adam_atan2":
+        dense = adam_atan2(lr, _BETA1.value, _BETA2.value, _WEIGHT_DECAY.value)
+    else:  # optax counts from 0, the reference's schedule from 1
+        dense = optax.adamw(
+            lambda c: lr(c + 1),
+            _BETA1.value,
+            _BETA2.value,
+            eps=1e-8,
+            weight_decay=_WEIGHT_DECAY.value,
+        )
+    puzzle = sign_sgd_rows(sched(_PUZZLE_EMB_LR.value * scale), _PUZZLE_EMB_WEIGHT_DECAY.value)
+    return optax.partition(
+        {"dense": dense, "puzzle": puzzle},
+        lambda params: {k: "puzzle" if k == "puzzle_emb" else "dense" for k in params},
+    ), lr
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def init_state(cfg, tx, first_batch, mesh, seed, use_ema):
+    """The whole train state, built on the devices by one jitted function (the same on every
+    host): replicated over the mesh, except the carry, split by rows like the batch."""
+
+    def init(batch):
+        params = model.init_params(jax.random.key(seed), cfg)
+        buffers = {k: params.pop(k) for k in model.BUFFERS}
+        weights = {k: v for k, v in params.items() if k != "puzzle_emb"}
+        return {
+            "step": jnp.zeros([], jnp.int32),
+            "params": params,
+            "buffers": buffers,
+            "opt": tx.init(params),
+            "ema": ema.init(weights) if use_ema else None,
+            "rng": jax.random.key(seed + 1),
+            "nan_step": jnp.full([], -1, jnp.int32),
+            "carry": model.initial_carry(cfg, batch),
+        }
+
+    shapes = jax.eval_shape(init, first_batch)
+    shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), shapes)
+    shardings["carry"] = jax.tree.map(lambda _: NamedSharding(mesh, P("data")), shapes["carry"])
+    return jax.jit(init, out_shardings=shardings)(first_batch)
+
+
+def make_steps(cfg, mesh, tx, global_batch_size, ema_rate=None):
+    """The jitted train step and eval step, data parallel over the mesh's 'data' axis."""
+    rows, whole = P("data"), P()
+
+    # Each device runs the model on its rows; losses and metric sums are added over devices.
+    # Gradients are taken outside the shard_map, of the summed loss (a grad taken inside
+    # would already be summed over devices and come out too large).
+    @functools.partial(
+        jax.shard_map,
+        mesh=mesh,
+        in_specs=(whole, rows, rows, rows),
+        out_specs=(whole, (rows, whole)),
+    )
+    def loss_dp(params, carry, batch, min_steps):
+        loss, (carry, metrics, _) = model.loss_fn(
+            params, cfg, carry, batch, min_steps, train=True, global_batch_size=global_batch_size
+        )
+        return jax.lax.psum(loss, "data"), (carry, jax.lax.psum(metrics, "data"))
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(state, batch):
+        key = jax.random.fold_in(state["rng"], state["step"])
+        min_steps = model.exploration_min_steps(key, cfg, global_batch_size)
+
+        def loss_of(params):
+            return loss_dp(params | state["buffers"], state["carry"], batch, min_steps)
+
+        (loss, (carry, metrics)), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+        used_rows = (
+            jnp.zeros(cfg.num_puzzle_identifiers, bool)
+            .at[carry["data"]["puzzle_identifiers"]]
+            .set(True)
+        )
+        updates, opt = tx.update(grads, state["opt"], state["params"], rows=used_rows)
+        params = optax.apply_updates(state["params"], updates)
+        weights = {k: v for k, v in params.items() if k != "puzzle_emb"}
+        step = state["step"] + 1
+        bad = ~jnp.isfinite(loss) & (state["nan_step"] < 0)
+        state = state | {
+            "step": step,
+            "params": params,
+            "opt": opt,
+            "carry": carry,
+            "ema": None if ema_rate is None else ema.update(state["ema"], weights, ema_rate),
+            "nan_step": jnp.where(bad, step, state["nan_step"]),
+        }
+        metrics |= {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
+            "update_norm": optax.tree.norm(updates),
+        }
+        return state, metrics
+
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(whole, rows, rows), out_specs=whole)
+    def eval_dp(params, carry, batch):
+        """N_sup steps on one batch: final-step metric sums and exact hits after each step."""
+
+        def one_step(carry, _):
+            _, (carry, metrics, out) = model.loss_fn(
+                params, cfg, carry, batch, train=False, global_batch_size=1
+            )
+            has_labels = (carry["data"]["labels"] != model.IGNORE_LABEL).any(-1)
+            return carry, (metrics, jnp.sum(out["seq_correct"] & has_labels))
+
+        _, (metrics, exact_per_step) = jax.lax.scan(one_step, carry, length=cfg.N_sup)
+        final = jax.tree.map(lambda m: m[-1], metrics)
+        return jax.lax.psum(final | {"exact_per_step": exact_per_step}, "data")
+
+    @jax.jit
+    def eval_step(params, batch):
+        return eval_dp(params, model.initial_carry(cfg, batch), batch)
+
+    return train_step, eval_step
+
+
+def evaluate(eval_step, params, batches, to_global):
+    """Test metrics: means over the test examples of the final step's metric sums."""
+    total = None
+    for batch in batches:
+        sums = eval_step(params, to_global(batch))
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    total = jax.device_get(total)  # replicated sums: every process holds them
+    count = max(int(total.pop("count")), 1)
+    out = {f"eval/{k}": float(v) / count for k, v in total.items() if k != "exact_per_step"}
+    out["eval/count"] = count
+    for i, hits in enumerate(total["exact_per_step"]):
+        out[f"eval/exact_accuracy_step{i + 1}"] = float(hits) / count
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def UserError(message):  # noqa: N802 (raised like an exception class)
+    """A user's mistake: one clear line on stderr and exit code 1, no traceback."""
+    return SystemExit(f"train.py: error: {message}")
+
+
+def init_distributed():
+    """Join the other processes of a multi-host run, with a timeout instead of a hang."""
+    explicit = (_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if not (_DISTRIBUTED.value or any(v is not None for v in explicit)):
+        return
+    if any(v is not None for v in explicit) and None in explicit:
+        raise UserError(
+            f"--coordinator_address, --num_processes and --process_id go together; got {explicit}"
+        )
+    if _NUM_PROCESSES.value is not None and not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+        raise UserError(f"--process_id={_PROCESS_ID.value} not in [0, {_NUM_PROCESSES.value})")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only runs (tests)
+    if _PROCESS_ID.value:  # not the coordinator: is it there at all? (else the runtime aborts)
+        wait_for_coordinator(_COORDINATOR_ADDRESS.value, _DISTRIBUTED_TIMEOUT.value)
+    print(
+        f"process {_PROCESS_ID.value}: joining {_NUM_PROCESSES.value} processes at "
+        f"{_COORDINATOR_ADDRESS.value} (up to {_DISTRIBUTED_TIMEOUT.value} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    jax.distributed.initialize(*explicit, initialization_timeout=_DISTRIBUTED_TIMEOUT.value)
+    # Every process must run the same experiment: compare the flags (but process_id).
+    mine = flags.FLAGS.flags_into_string().replace(f"--process_id={_PROCESS_ID.value}\n", "")
+    digest = np.frombuffer(hashlib.sha256(mine.encode()).digest(), np.uint32)
+    everyone = multihost_utils.process_allgather(digest)
+    if (everyone != digest[None]).any():
+        raise UserError("The processes were started with different flags")
+
+
+def wait_for_coordinator(address, timeout):
+    host, port = address.rsplit(":", 1)
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return
+        except OSError as e:
+            if time.time() > deadline:
+                raise UserError(
+                    f"No coordinator at --coordinator_address={address} after "
+                    f"--distributed_timeout={timeout} s ({e}); start process 0 there"
+                ) from e
+            time.sleep(0.5)
+
+
+def process_rows(sharding, batch_size):
+    """Rows of a global batch that this process's devices hold (a slice)."""
+    index_map = sharding.addressable_devices_indices_map((batch_size,))
+    spans = sorted(idx[0].indices(batch_size)[:2] for idx in index_map.values())
+    if any(a[1] != b[0] for a, b in zip(spans, spans[1:], strict=False)):
+        raise ValueError(f"This process's devices hold rows {spans}: not one contiguous block")
+    return slice(spans[0][0], spans[-1][1])
+
+
+def main(argv):
+    del argv
+    init_distributed()
+    is_main = jax.process_index() == 0  # only process 0 prints and writes
+    say = functools.partial(print, flush=True) if is_main else lambda *_: None
+
+    # --- mesh: one 'data' axis over every device of every host
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    B, B_eval = _GLOBAL_BATCH_SIZE.value, _EVAL_BATCH_SIZE.value or _GLOBAL_BATCH_SIZE.value
+    for name, size in (("global_batch_size", B), ("eval_batch_size", B_eval)):
+        if size % mesh.size:
+            raise UserError(
+                f"--{name}={size} does not divide over {mesh.size} devices "
+                f"({jax.process_count()} processes x {jax.local_device_count()})"
+            )
+    row_sharding = NamedSharding(mesh, P("data"))
+
+    def to_global(local_batch):  # this process's rows -> one array over all devices
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(row_sharding, x), local_batch
+        )
+
+    # --- data: every process draws the same global batches and loads only its rows
+    try:  # a user's mistake in the data flags is reported as a usage error, not a traceback
+        paths = _DATA_PATHS.value
+        if not paths:  # process 0 generates first; others reuse it (or, on other hosts, redo it)
+            if is_main:
+                builtin_data()
+            multihost_utils.sync_global_devices("built-in data")
+            paths = [builtin_data()]
+        train_ds, test_ds = data.load(paths, "train"), data.load(paths, "test")
+        cfg = model_config(train_ds["meta"])
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from e
+    meta = train_ds["meta"]
+    examples_per_epoch = meta["total_groups"] * meta["mean_puzzle_examples"]
+    # As the reference: the LR schedule spans epochs * examples / B steps; the run is
+    # epochs / eval_interval rounds of eval_interval epochs, each ending in an evaluation.
+    if _EPOCHS.value % _EVAL_INTERVAL.value:
+        raise UserError(
+            f"--eval_interval={_EVAL_INTERVAL.value} must divide --epochs={_EPOCHS.value}"
+        )
+    total_steps = int(_EPOCHS.value * examples_per_epoch / B)
+    eval_every = int(_EVAL_INTERVAL.value * examples_per_epoch / B)
+    if eval_every < 1:
+        raise UserError(f"--eval_interval={_EVAL_INTERVAL.value} epochs is less than one batch")
+    num_steps = _EPOCHS.value // _EVAL_INTERVAL.value * eval_every
+    num_steps = min(num_steps, _MAX_STEPS.value or num_steps)
+    sample = data.train_sampler(train_ds, B, _SEED.value, process_rows(row_sharding, B))
+    eval_rows = process_rows(row_sharding, B_eval)
+
+    # --- init: the same params on every host from the same seed
+    tx, lr = optimizer(total_steps)
+    batch, cursor = sample(0)
+    state = init_state(cfg, tx, to_global(batch), mesh, _SEED.value, _EMA.value)
+    train_step, eval_step = make_steps(cfg, mesh, tx, B, _EMA_RATE.value if _EMA.value else None)
+    write, close = open_workdir(_WORKDIR.value if is_main else None)
+    say(
+        f"{cfg}\n{model.num_params(state['params']):,} params | {num_steps} steps "
+        f"({_EPOCHS.value} epochs of {examples_per_epoch} examples) | batch {B} on "
+        f"{mesh.size} devices, {jax.process_count()} processes | peak lr "
+        f"{float(lr(max(1, _LR_WARMUP_STEPS.value))):.3g}"
+    )
+
+    def eval_params():  # the EMA weights (if on), the current puzzle table, the buffers
+        weights = state["ema"] if _EMA.value else state["params"]
+        puzzle = {k: v for k, v in state["params"].items() if k == "puzzle_emb"}
+        return weights | puzzle | state["buffers"]
+
+    # --- loop
+    t_start = t_last = time.time()
+    step, since_log, interval = 0, 0, None
+    while step < num_steps:
+        state, metrics = train_step(state, to_global(batch))
+        step, since_log = step + 1, since_log + 1
+        batch, cursor = sample(cursor)  # the next batch is prepared while the step runs
+        interval = metrics if interval is None else jax.tree.map(jnp.add, interval, metrics)
+        if step % _LOG_EVERY.value == 0 or step == num_steps:
+            interval = jax.device_get(interval)  # host sync: once per log interval
+            check_finite(state, interval)
+            now = time.time()
+            rate = since_log / (now - t_last)
+            log = train_log(interval, B, since_log) | {
+                "train/lr": float(lr(step)),
+                "steps_per_s": rate,
+                "examples_per_s": rate * B,
+            }
+            say(
+                f"step {step}/{num_steps} | loss {log['train/loss']:.4f} | halted rows: acc "
+                f"{log['train/accuracy']:.3f} exact {log['train/exact_accuracy']:.3f} steps "
+                f"{log['train/steps']:.2f} | {rate:.2f} steps/s | ETA "
+                f"{(num_steps - step) / rate / 60:.1f} min"
+            )
+            write(step, log)
+            t_last, since_log, interval = now, 0, None
+        if step % eval_every == 0 or step == num_steps:
+            t0 = time.time()
+            batches = data.eval_batches(test_ds, B_eval, _EVAL_MAX_EXAMPLES.value, eval_rows)
+            log = evaluate(eval_step, eval_params(), batches, to_global)
+            say(
+                f"eval @ {step}: exact {log['eval/exact_accuracy']:.4f} | token "
+                f"{log['eval/accuracy']:.4f} | q-halt acc {log['eval/q_halt_accuracy']:.3f} | "
+                f"{log['eval/count']} examples in {time.time() - t0:.0f} s"
+            )
+            write(step, log)
+            t_last += time.time() - t0  # evaluation time is not training time
+    say(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min")
+    close()
+
+
+def open_workdir(workdir):
+    """log(step, metrics) and close() for a run directory, local or gs://: flags.txt,
+    metrics.jsonl (appended to) and TensorBoard events, all written through tensorstore."""
+    if not workdir:
+        return (lambda step, log: None), (lambda: None)
+    store = ckpt.kvstore(workdir)
+    store.write("flags.txt", flags.FLAGS.flags_into_string().encode()).result()
+    lines = [ckpt.read_text(store, "metrics.jsonl")]
+    events = tempfile.mkdtemp(prefix="trmx-events-")  # copied into the store at every log
+    from tensorboardX import SummaryWriter  # noqa: PLC0415 (only when writing)
+
+    writer = SummaryWriter(events)
+
+    def log(step, metrics):
+        lines.append(json.dumps({"step": step} | metrics) + "\n")
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                writer.add_scalar(k, v, step)
+        writer.flush()
+        writes = [store.write("metrics.jsonl", "".join(lines).encode())]
+        for name in os.listdir(events):
+            with open(os.path.join(events, name), "rb") as f:
+                writes.append(store.write(name, f.read()))
+        for w in writes:
+            w.result()
+
+    def close():
+        writer.close()
+        shutil.rmtree(events, ignore_errors=True)
+
+    return log, close
+
+
+def builtin_data():
+    """Path of the built-in dataset the --builtin_* flags describe, generated on first use."""
+    lo, hi = map(int, _BUILTIN_BLANKS.value)
+    num_train, num_test, aug = _BUILTIN_TRAIN.value, _BUILTIN_TEST.value, _BUILTIN_AUG.value
+    name = f"builtin-{num_train}-{num_test}-{lo}-{hi}-{aug}-s{_SEED.value}"
+    path = os.path.join(_BUILTIN_DIR.value, name)
+    if not os.path.exists(path):
+        t0 = time.time()
+        tmp = f"{path}.tmp{os.getpid()}"  # built aside, then renamed: never seen half-written
+        data.build_builtin(tmp, num_train, num_test, lo, hi, aug, _SEED.value)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process on this host finished first
+            shutil.rmtree(tmp)
+        print(
+            f"built-in data: {num_train} x {aug + 1} train / {num_test} test puzzles with "
+            f"{lo}..{hi} blanks -> {path} ({time.time() - t0:.0f} s)",
+            flush=True,
+        )
+    return path
+
+
+def train_log(m, global_batch_size, num_steps):
+    """Train metrics summed over `num_steps` steps, as the reference reports them: losses per
+    row of the global batch, the others per halted row; the norms and loss per step."""
+    count = max(int(m["count"]), 1)
+    per_step = ("loss", "grad_norm", "param_norm", "update_norm")
+    out = {
+        f"train/{k}": float(v) / (global_batch_size * num_steps if k.endswith("loss") else count)
+        for k, v in m.items()
+        if k not in per_step
+    }
+    return (
+        out
+        | {f"train/{k}": float(m[k]) / num_steps for k in per_step}
+        | {"train/count": int(m["count"])}
+    )
+
+
+def check_finite(state, metrics):
+    nan_step = int(state["nan_step"])
+    if nan_step >= 0:
+        raise FloatingPointError(
+            f"The loss became NaN/Inf at step {nan_step} (last logged loss "
+            f"{float(metrics['loss'])}); lower --lr or use float32."
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)
