@@ -1,0 +1,162 @@
+"""Multi-host data parallelism: 2 local processes joined by jax.distributed on 127.0.0.1."""
+
+import json
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import data
+
+ROOT = pathlib.Path(__file__).parents[1]
+TINY = [
+    "--builtin_train=60",
+    "--builtin_test=20",
+    "--builtin_blanks=40,45",
+    "--builtin_aug=4",
+    "--hidden_size=32",
+    "--num_heads=2",
+    "--H_cycles=2",
+    "--L_cycles=1",
+    "--halt_max_steps=3",
+    "--halt_exploration_prob=0.5",
+    "--puzzle_emb_len=1",
+    "--global_batch_size=16",
+    "--forward_dtype=float32",
+    "--lr=3e-3",
+    "--lr_warmup_steps=2",
+    "--epochs=3",
+    "--eval_interval=1",
+    "--log_every=1",
+]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, devices, cwd=ROOT):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
+    cmd = [sys.executable, "train.py", *args]
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """2 processes x 2 devices and 1 process x 4 devices: the same loss, norms and evaluation
+    at every step (exploration on, so its draws must not depend on the process split)."""
+    common = [*TINY, f"--builtin_dir={tmp_path / 'data'}"]
+    port = free_port()
+    procs = [
+        launch(
+            [
+                *common,
+                f"--workdir={tmp_path / 'two'}",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                "--distributed_timeout=60",
+            ],
+            devices=2,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "eval @" in outs[0][0] and "eval @" not in outs[1][0]  # only process 0 reports
+    single = launch([*common, f"--workdir={tmp_path / 'one'}"], devices=4)
+    out, err = single.communicate(timeout=600)
+    assert single.returncode == 0, err[-3000:]
+    two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    assert [m["step"] for m in two] == [m["step"] for m in one] and len(two) > 8
+    for a, b in zip(two, one, strict=True):
+        for k in (
+            "train/loss",
+            "train/grad_norm",
+            "train/param_norm",
+            "eval/accuracy",
+            "eval/exact_accuracy",
+            "eval/q_halt_accuracy",
+        ):
+            if k in b:
+                np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=f"step {b['step']} {k}")
+
+
+def test_process_slices_assemble_the_single_process_batch(tmp_path):
+    path = data.build_builtin(str(tmp_path), 30, 10, 40, 45, 2, seed=0)
+    train, test = data.load([path], "train"), data.load([path], "test")
+    whole, cursor = data.train_sampler(train, 12, seed=1)(7)
+    parts = [data.train_sampler(train, 12, seed=1, rows=slice(a, a + 4))(7) for a in (0, 4, 8)]
+    assert all(c == cursor for _, c in parts)
+    for k in whole:
+        assert (np.concatenate([p[k] for p, _ in parts]) == whole[k]).all()
+    whole = list(data.eval_batches(test, 8))
+    halves = [list(data.eval_batches(test, 8, rows=slice(a, a + 4))) for a in (0, 4)]
+    for w, h0, h1 in zip(whole, *halves, strict=True):
+        for k in w:
+            assert (np.concatenate([h0[k], h1[k]]) == w[k]).all()
+
+
+def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):
+    p = launch(
+        [
+            f"--coordinator_address=127.0.0.1:{free_port()}",
+            "--num_processes=2",
+            "--process_id=1",
+            "--distributed_timeout=2",
+        ],
+        devices=1,
+    )
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0
+    assert "No coordinator at --coordinator_address=127.0.0.1:" in err, err[-2000:]
+
+
+def test_processes_that_disagree_on_the_run_stop(tmp_path):
+    port = free_port()
+    procs = [
+        launch(
+            [
+                f"--builtin_dir={tmp_path}",
+                f"--coordinator_address=127.0.0.1:{port}",
+                f"--num_processes={n}",
+                f"--process_id={i}",
+                "--distributed_timeout=30",
+            ],
+            devices=1,
+        )
+        for i, n in ((0, 2), (1, 3))  # process 1 was told there are 3 processes
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode != 0
+        assert "The processes were started with different flags" in err, err[-2000:]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--coordinator_address=127.0.0.1:1", "--num_processes=2"], "go together"),
+        (
+            ["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"],
+            r"--process_id=2 not in \[0, 2\)",
+        ),
+    ],
+)
+def test_incomplete_distributed_flags(args, message):
+    p = launch(args, devices=1)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and re.search(message, err), err[-2000:]
