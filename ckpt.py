@@ -1,35 +1,315 @@
-"""Storage: run directories (local or gs://) and import of weights saved by the official TRM.
+"""Checkpoints of the whole train state, local or gs://, and import of PyTorch TRM weights.
 
-`kvstore(path)` opens a local directory or a gs://bucket/prefix as a tensorstore key-value
-store: the one code path for files of a run, wherever they live.
+Every file goes through tensorstore: `kvstore(path)` opens a local directory or a
+gs://bucket/prefix, and each leaf of the train state is one zarr v3 array (dtype as trained,
+bfloat16 included) that any zarr reader can open. Layout of a run's checkpoints:
 
-`params_from_reference(state, cfg)` maps a reference `state_dict()` (as numpy arrays, keys
-as the reference names them, with or without the `_orig_mod.model.` prefix that its
-torch.compile'd training adds) onto `model.init_params`' pytree, strictly: a missing, extra
-or mis-shaped tensor is an error that names the keys.
+  <workdir>/ckpt/step_00001000/
+      params/blocks/0/gate_up/    one zarr array per leaf, named by its path in the state
+      opt/.../m/...  ema/...  carry/...  step/  rng/  ...
+      done.0, done.1, ...         each process: the regions it wrote and their sha256
+      COMMIT                      written last, by process 0: the step, the host-side extras
+                                  (data cursor, flags, score) and every region's sha256
+
+Protocol (preemption-safe on any store, GCS included, where nothing renames atomically):
+1. Process p writes the regions it owns: its shards of row-sharded leaves (the ACT carry)
+   and, on process 0 only, the replicated leaves; then done.p.
+2. Process 0 waits for every done.p, then writes COMMIT. A step folder without COMMIT is a
+   save that was interrupted; one whose regions no longer hash to COMMIT's sha256 was
+   truncated or tampered with. `latest` skips both with a warning naming them.
+3. Saves run in a background thread, one at a time; the device-to-host copy happens before
+   the next step, so training goes on while the files are written. `wait()` before exit.
+4. After a commit, process 0 deletes all but the newest `keep` steps (and the best-scoring
+   one with keep_best).
+
+`params_from_reference(state, cfg)` maps a reference `state_dict()` (numpy arrays, keys as the
+reference names them, with or without the `_orig_mod.model.` prefix of its torch.compile'd
+training) onto `model.init_params`' pytree, strictly: a missing, extra or mis-shaped tensor
+is an error that names the keys. `load_torch(path, cfg)` reads such a file with torch.
 """
 
+import concurrent.futures
+import hashlib
+import json
 import os
+import shutil
+import time
 
 import jax
 import numpy as np
 import tensorstore as ts
+from absl import logging
 
 import model
 
 REFERENCE_PREFIXES = ("_orig_mod.", "model.")
+STEP_PREFIX = "step_"
+COMMIT = "COMMIT"
+DONE_TIMEOUT_S = 600  # how long process 0 waits for the other processes' regions
+# One tensorstore context for every open: one pool of HTTP connections (GCS) and threads.
+# (A context per open piled up connections until GCS requests stalled.)
+CONTEXT = ts.Context()
 
 
 def kvstore(path: str):
     """A tensorstore key-value store at a local directory or a gs://bucket/prefix URL."""
+    return ts.KvStore.open(_url(path), context=CONTEXT).result()
+
+
+def _url(path: str) -> str:
     url = path if "://" in path else "file://" + os.path.abspath(path)
-    return ts.KvStore.open(url.rstrip("/") + "/").result()
+    return url.rstrip("/") + "/"
 
 
 def read_text(store, key: str) -> str:
     """The text stored under `key`, or '' if there is none."""
     found = store.read(key).result()
     return found.value.decode() if found.state == "value" else ""
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def checkpointer(directory: str, keep: int = 3, keep_best: bool = False):
+    """save(step, state, extra, score=None) and wait() for checkpoints under `directory`.
+
+    `state` is a pytree of jax arrays (typed PRNG keys allowed); `extra` a JSON-able dict of
+    host-side values (data cursor, flags) returned by `restore`. `score` (higher is better)
+    ranks checkpoints for keep_best.
+    """
+    base, executor, pending = _url(directory), concurrent.futures.ThreadPoolExecutor(1), []
+
+    def wait():
+        while pending:
+            pending.pop().result()
+
+    def save(step, state, extra, score=None):
+        wait()  # at most one save in flight
+        leaves = {name: _storable(x) for name, x in _named_leaves(state).items()}
+        plan = {
+            name: (x.shape, str(x.dtype), _chunks(x), _owned_regions(x))
+            for name, x in leaves.items()
+        }  # host copies now: the next step donates x
+        meta = {"step": int(step), "extra": extra, "score": score}
+        pending.append(executor.submit(_write, base, plan, meta, keep, keep_best))
+
+    return save, wait
+
+
+def _write(base, plan, meta, keep, keep_best):
+    folder = f"{base}{STEP_PREFIX}{meta['step']:08d}/"
+    store, pid, hashes = ts.KvStore.open(folder, context=CONTEXT).result(), jax.process_index(), {}
+    for name, (shape, dtype, chunks, regions) in plan.items():
+        array = ts.open(
+            _array_spec(folder, name),
+            context=CONTEXT,
+            create=True,
+            open=True,
+            dtype=ts.dtype(dtype),
+            shape=shape,
+            chunk_layout=ts.ChunkLayout(write_chunk_shape=chunks),
+        ).result()
+        for index, data in regions:
+            array[index].write(data).result()
+            hashes[name + _index_str(index, shape)] = _sha(data)
+    store.write(f"done.{pid}", json.dumps(hashes).encode()).result()
+    if pid:
+        return
+    deadline = time.time() + DONE_TIMEOUT_S
+    for other in range(1, jax.process_count()):
+        while (found := store.read(f"done.{other}").result()).state != "value":
+            if time.time() > deadline:
+                raise TimeoutError(f"process {other} did not finish its part of {folder}")
+            time.sleep(0.2)
+        hashes |= json.loads(found.value)
+    leaves = {
+        name: {"shape": list(shape), "dtype": dtype} for name, (shape, dtype, *_) in plan.items()
+    }
+    commit = meta | {"leaves": leaves, "sha256": hashes}
+    store.write(COMMIT, json.dumps(commit, indent=1).encode()).result()
+    _prune(base, keep, keep_best)
+
+
+def _prune(base, keep, keep_best):
+    """Delete all but the newest `keep` complete steps (and the best one), and old debris."""
+    store = ts.KvStore.open(base, context=CONTEXT).result()
+    steps, complete = _steps(store)
+    kept = set(sorted(complete)[-keep:])
+    if keep_best:
+        scored = [(c["score"], s) for s, c in complete.items() if c.get("score") is not None]
+        kept |= {max(scored)[1]} if scored else set()
+    newest = max(complete)
+    for step in steps:
+        if step not in kept and step < newest:  # never an unfinished save newer than the commit
+            name = f"{STEP_PREFIX}{step:08d}/"
+            store.delete_range(ts.KvStore.KeyRange(name, name[:-1] + "0")).result()
+            if base.startswith("file://"):  # the file driver leaves the empty folders
+                shutil.rmtree(base[len("file://") :] + name, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- restore
+
+
+def latest(directory: str):
+    """(step, commit) of the newest complete, intact checkpoint under `directory`, or None.
+    Interrupted saves and checkpoints whose data no longer match their sha256 are skipped,
+    each with a warning naming it."""
+    base = _url(directory)
+    steps, complete = _steps(ts.KvStore.open(base, context=CONTEXT).result())
+    for step in sorted(steps, reverse=True):
+        name = f"{base}{STEP_PREFIX}{step:08d}"
+        if step not in complete:
+            logging.warning("Skipping %s: no %s (a save was interrupted)", name, COMMIT)
+            continue
+        problem = _verify(f"{name}/", complete[step])
+        if problem is None:
+            return step, complete[step]
+        logging.warning("Skipping %s: %s", name, problem)
+    return None
+
+
+def restore(directory: str, step: int, target):
+    """The state saved at `step`, shaped and sharded like `target` (a pytree of arrays or
+    ShapeDtypeStructs with shardings), and the `extra` dict given to save."""
+    folder = f"{_url(directory)}{STEP_PREFIX}{step:08d}/"
+    commit = json.loads(
+        ts.KvStore.open(folder, context=CONTEXT).result().read(COMMIT).result().value
+    )
+    flat, treedef = jax.tree_util.tree_flatten_with_path(target)
+    leaves = []
+    for path, like in flat:
+        name = _name(path)
+        if name not in commit["leaves"]:
+            raise ValueError(f"{folder} has no leaf {name}; it has {sorted(commit['leaves'])}")
+        array = ts.open(_array_spec(folder, name), context=CONTEXT).result()
+        is_key = jax.dtypes.issubdtype(like.dtype, jax.dtypes.prng_key)
+        stored = jax.eval_shape(jax.random.key_data, like) if is_key else like
+        if tuple(array.shape) != stored.shape or array.dtype.numpy_dtype != stored.dtype:
+            raise ValueError(
+                f"{folder}{name}: stored {array.dtype} {tuple(array.shape)}, "
+                f"this run needs {stored.dtype} {stored.shape}"
+            )
+        x = jax.make_array_from_callback(
+            stored.shape, like.sharding, lambda index, a=array: a[index].read().result()
+        )
+        leaves.append(jax.random.wrap_key_data(x, impl=jax.random.key_impl(like)) if is_key else x)
+    return jax.tree_util.tree_unflatten(treedef, leaves), commit["extra"]
+
+
+def _verify(folder, commit):
+    """None if every region of the checkpoint hashes as committed, else what is wrong."""
+    try:
+        for region, digest in commit["sha256"].items():
+            name, index = region.split("[", 1)
+            array = ts.open(_array_spec(folder, name), context=CONTEXT).result()
+            if _sha(array[_parse_index(index)].read().result()) != digest:
+                return f"{name}[{index} does not match its sha256 (truncated or modified)"
+    except (ValueError, KeyError) as e:  # missing or unreadable array files
+        return f"unreadable ({str(e).splitlines()[0]})"
+    return None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _steps(store):
+    """All step numbers with a folder, and {step: COMMIT dict} of the committed ones."""
+    steps, complete = set(), {}
+    for key in (k.decode() for k in store.list().result()):
+        folder = key[len(STEP_PREFIX) :].split("/", 1)[0]
+        if key.startswith(STEP_PREFIX) and folder.isdigit():
+            step = int(folder)
+            steps.add(step)
+            if key.endswith("/" + COMMIT):
+                complete[step] = json.loads(store.read(key).result().value)
+    return steps, complete
+
+
+def _named_leaves(state):
+    return {_name(path): x for path, x in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def _name(path) -> str:
+    """A leaf's folder: its path in the state, e.g. params/blocks/0/gate_up."""
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+    return "/".join(parts)
+
+
+def _storable(x):
+    return jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+
+
+def _chunks(x):
+    """Chunk = one device's shard: processes never write into the same chunk."""
+    return list(x.sharding.shard_shape(x.shape)) if x.ndim else []
+
+
+def _owned_regions(x):
+    """(index, host copy) of the parts of x this process writes: one replica of each shard
+    it holds; replicated arrays are written by process 0 alone."""
+    if x.is_fully_replicated:
+        return (
+            [(tuple(slice(None) for _ in x.shape), np.asarray(x))]
+            if jax.process_index() == 0
+            else []
+        )
+    return [(s.index, np.asarray(s.data)) for s in x.addressable_shards if s.replica_id == 0]
+
+
+def _array_spec(folder, name):
+    # Every chunk is stored, also one equal to the fill value: reads never depend on a
+    # missing object (absent data can then only mean a broken checkpoint).
+    return {
+        "driver": "zarr3",
+        "kvstore": f"{folder}{name}/",
+        "store_data_equal_to_fill_value": True,
+    }
+
+
+def _index_str(index, shape):
+    return (
+        "["
+        + ",".join(
+            f"{a}:{b}" for a, b, _ in (s.indices(n) for s, n in zip(index, shape, strict=True))
+        )
+        + "]"
+    )
+
+
+def _parse_index(text):
+    text = text.rstrip("]")
+    if not text:
+        return ()
+    return tuple(slice(*map(int, part.split(":"))) for part in text.split(","))
+
+
+def _sha(data):
+    return hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- PyTorch weights
+
+
+def load_torch(path_or_state_dict, cfg: model.Config) -> dict:
+    """Params for `model.predict` from a checkpoint saved by the official PyTorch TRM (a path
+    to its torch.save file, or its state dict); its training saves the EMA weights."""
+    state = path_or_state_dict
+    if not isinstance(state, dict):
+        try:
+            import torch  # noqa: PLC0415 (optional: only to read PyTorch files)
+        except ImportError as e:
+            raise ImportError(
+                "Reading a PyTorch checkpoint needs torch, which trmx does not require: "
+                "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+            ) from e
+        state = torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
+    to_numpy = lambda v: v.detach().float().numpy() if hasattr(v, "detach") else np.asarray(v)  # noqa: E731
+    return params_from_reference({k: to_numpy(v) for k, v in state.items()}, cfg)
 
 
 def reference_names(cfg: model.Config) -> dict:

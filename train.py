@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -87,6 +88,16 @@ _PUZZLE_EMB_WEIGHT_DECAY = flags.DEFINE_float("puzzle_emb_weight_decay", 1.0, ""
 # ema
 _EMA = flags.DEFINE_bool("ema", True, "evaluate an EMA of the weights")
 _EMA_RATE = flags.DEFINE_float("ema_rate", 0.999, "")
+# checkpoints
+_CKPT_EVERY = flags.DEFINE_integer(
+    "ckpt_every", 1000, "steps between checkpoints in --workdir/ckpt (also after every eval)"
+)
+_KEEP = flags.DEFINE_integer("keep", 3, "newest checkpoints kept")
+_KEEP_BEST = flags.DEFINE_bool("keep_best", False, "also keep the best by eval exact accuracy")
+_INIT_FROM = flags.DEFINE_string(
+    "init_from", None, "start from these weights: a PyTorch TRM checkpoint or our ckpt folder"
+)
+_EVAL_ONLY = flags.DEFINE_bool("eval_only", False, "evaluate the restored/--init_from weights")
 # system
 _SEED = flags.DEFINE_integer("seed", 0, "params, data order and exploration")
 _WORKDIR = flags.DEFINE_string("workdir", None, "flags.txt, metrics.jsonl, TensorBoard events")
@@ -459,12 +470,34 @@ def main(argv):
     batch, cursor = sample(0)
     state = init_state(cfg, tx, to_global(batch), mesh, _SEED.value, _EMA.value)
     train_step, eval_step = make_steps(cfg, mesh, tx, B, _EMA_RATE.value if _EMA.value else None)
-    write, close = open_workdir(_WORKDIR.value if is_main else None)
+
+    # --- restore. Where the run starts, first match wins:
+    #   1. the newest complete checkpoint in --workdir/ckpt: a restarted or preempted run goes
+    #      on exactly (params, optimiser, EMA, carry, RNG, data cursor, step);
+    #   2. --init_from: weights of a PyTorch TRM checkpoint, or of a checkpoint folder of ours;
+    #   3. the fresh params from --seed.
+    ckpt_dir = f"{_WORKDIR.value.rstrip('/')}/ckpt" if _WORKDIR.value else None
+    found = ckpt.latest(ckpt_dir) if ckpt_dir and is_main else None  # process 0 checks
+    step = int(multihost_utils.broadcast_one_to_all(np.int32(found[0] if found else 0)))
+    if step:
+        state, extra = ckpt.restore(ckpt_dir, step, state)
+        batch, cursor = sample(extra["cursor"])
+    elif _INIT_FROM.value:
+        try:
+            weights = load_weights(_INIT_FROM.value, cfg, state)
+        except (ImportError, ValueError) as e:
+            raise UserError(f"--init_from={_INIT_FROM.value}: {e}") from e
+        state = with_weights(state, weights, _EMA.value)
+    write, close = open_workdir(_WORKDIR.value if is_main else None, resume_step=step)
+    save, wait = (
+        ckpt.checkpointer(ckpt_dir, _KEEP.value, _KEEP_BEST.value) if ckpt_dir else (None, None)
+    )
     say(
         f"{cfg}\n{model.num_params(state['params']):,} params | {num_steps} steps "
         f"({_EPOCHS.value} epochs of {examples_per_epoch} examples) | batch {B} on "
         f"{mesh.size} devices, {jax.process_count()} processes | peak lr "
         f"{float(lr(max(1, _LR_WARMUP_STEPS.value))):.3g}"
+        + (f" | resumed from {ckpt_dir}/step_{step:08d}" if step else "")
     )
 
     def eval_params():  # the EMA weights (if on), the current puzzle table, the buffers
@@ -472,15 +505,52 @@ def main(argv):
         puzzle = {k: v for k, v in state["params"].items() if k == "puzzle_emb"}
         return weights | puzzle | state["buffers"]
 
+    def run_eval():
+        t0 = time.time()
+        batches = data.eval_batches(test_ds, B_eval, _EVAL_MAX_EXAMPLES.value, eval_rows)
+        log = evaluate(eval_step, eval_params(), batches, to_global)
+        say(
+            f"eval @ {step}: exact {log['eval/exact_accuracy']:.4f} | token "
+            f"{log['eval/accuracy']:.4f} | q-halt acc {log['eval/q_halt_accuracy']:.3f} | "
+            f"{log['eval/count']} examples in {time.time() - t0:.0f} s"
+        )
+        write(step, log)
+        return log
+
+    if _EVAL_ONLY.value:
+        if not (step or _INIT_FROM.value):
+            raise UserError("--eval_only needs a checkpoint in --workdir or --init_from")
+        run_eval()
+        close()
+        return
+    if step >= num_steps:
+        say(f"nothing to do: the run in {_WORKDIR.value} finished at step {step}")
+        close()
+        return
+
+    # SIGTERM (a preempted TPU VM) or Ctrl-C: checkpoint at the next step boundary and exit 0.
+    # With several processes they agree on stopping at log steps (a host sync happens there).
+    stop = []
+
+    def on_signal(signum, _):
+        if stop:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        stop.append(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
     # --- loop
     t_start = t_last = time.time()
-    step, since_log, interval = 0, 0, None
+    since_log, interval, saved = 0, None, step
     while step < num_steps:
         state, metrics = train_step(state, to_global(batch))
         step, since_log = step + 1, since_log + 1
+        next_cursor = cursor  # the checkpoint of this step resumes from here
         batch, cursor = sample(cursor)  # the next batch is prepared while the step runs
         interval = metrics if interval is None else jax.tree.map(jnp.add, interval, metrics)
-        if step % _LOG_EVERY.value == 0 or step == num_steps:
+        log_step = step % _LOG_EVERY.value == 0 or step == num_steps
+        if log_step:
             interval = jax.device_get(interval)  # host sync: once per log interval
             check_finite(state, interval)
             now = time.time()
@@ -498,33 +568,95 @@ def main(argv):
             )
             write(step, log)
             t_last, since_log, interval = now, 0, None
+        score = None
         if step % eval_every == 0 or step == num_steps:
             t0 = time.time()
-            batches = data.eval_batches(test_ds, B_eval, _EVAL_MAX_EXAMPLES.value, eval_rows)
-            log = evaluate(eval_step, eval_params(), batches, to_global)
-            say(
-                f"eval @ {step}: exact {log['eval/exact_accuracy']:.4f} | token "
-                f"{log['eval/accuracy']:.4f} | q-halt acc {log['eval/q_halt_accuracy']:.3f} | "
-                f"{log['eval/count']} examples in {time.time() - t0:.0f} s"
-            )
-            write(step, log)
+            score = run_eval()["eval/exact_accuracy"]
             t_last += time.time() - t0  # evaluation time is not training time
-    say(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min")
+        stopping = stop_requested(stop, log_step)
+        due = step == num_steps or score is not None or stopping
+        if save and (due or (_CKPT_EVERY.value and step % _CKPT_EVERY.value == 0)):
+            save(step, state, {"cursor": next_cursor, "flags": _flags_text()}, score)
+            saved = step
+        if stopping:
+            break
+    if save:
+        wait()  # the last checkpoint must be complete before the process ends
+    if stop:
+        where = f"checkpoint {ckpt_dir}/step_{saved:08d}" if save else "no --workdir: no checkpoint"
+        say(f"{stop[0]}: stopped at step {step}; {where}; rerun the same command to resume")
+    else:
+        say(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min")
     close()
 
 
-def open_workdir(workdir):
+def stop_requested(stop, log_step):
+    """Whether the run stops now: at once with one process; with several, all agree at log
+    steps (so every process saves the same step)."""
+    if jax.process_count() == 1:
+        return bool(stop)
+    if not log_step:
+        return False
+    return bool(multihost_utils.process_allgather(np.int32(bool(stop))).any())
+
+
+def load_weights(path, cfg, state):
+    """Params (with the buffers) from a PyTorch TRM checkpoint file or our checkpoint folder."""
+    if os.path.isfile(path):
+        return ckpt.load_torch(path, cfg)
+    found = ckpt.latest(path) or ckpt.latest(f"{path.rstrip('/')}/ckpt")
+    if not found:
+        raise UserError(
+            f"--init_from={path}: neither a PyTorch checkpoint file nor a folder "
+            "with a complete checkpoint"
+        )
+    where = path if ckpt.latest(path) else f"{path.rstrip('/')}/ckpt"
+    target = {"params": state["params"], "buffers": state["buffers"]}
+    weights, _ = ckpt.restore(where, found[0], target)
+    return weights["params"] | weights["buffers"]
+
+
+def with_weights(state, weights, use_ema):
+    """The state with these weights (numpy or jax), a fresh EMA of them; optimiser untouched."""
+
+    def place(like, x):
+        x = np.asarray(x, like.dtype)
+        if x.shape != like.shape:
+            raise UserError(
+                f"--init_from: a weight of shape {x.shape}, this model needs {like.shape}"
+            )
+        return jax.make_array_from_callback(like.shape, like.sharding, lambda i: x[i])
+
+    params = {k: state["params"][k] for k in state["params"]}
+    params = jax.tree.map(place, params, {k: weights[k] for k in params})
+    buffers = jax.tree.map(place, state["buffers"], {k: weights[k] for k in state["buffers"]})
+    weights_only = {k: v for k, v in params.items() if k != "puzzle_emb"}
+    return state | {
+        "params": params,
+        "buffers": buffers,
+        "ema": ema.init(weights_only) if use_ema else None,
+    }
+
+
+def _flags_text():
+    return flags.FLAGS.flags_into_string()
+
+
+def open_workdir(workdir, resume_step=0):
     """log(step, metrics) and close() for a run directory, local or gs://: flags.txt,
-    metrics.jsonl (appended to) and TensorBoard events, all written through tensorstore."""
+    metrics.jsonl and TensorBoard events, all written through tensorstore. A resumed run
+    keeps the metrics up to its checkpoint's step and appends from there."""
     if not workdir:
         return (lambda step, log: None), (lambda: None)
     store = ckpt.kvstore(workdir)
-    store.write("flags.txt", flags.FLAGS.flags_into_string().encode()).result()
-    lines = [ckpt.read_text(store, "metrics.jsonl")]
+    store.write("flags.txt", _flags_text().encode()).result()
+    old = ckpt.read_text(store, "metrics.jsonl").splitlines(keepends=True)
+    lines = [line for line in old if json.loads(line)["step"] <= resume_step]
     events = tempfile.mkdtemp(prefix="trmx-events-")  # copied into the store at every log
     from tensorboardX import SummaryWriter  # noqa: PLC0415 (only when writing)
 
-    writer = SummaryWriter(events)
+    # purge_step: TensorBoard drops what an interrupted run logged after the checkpoint
+    writer = SummaryWriter(events, purge_step=resume_step + 1 if resume_step else None)
 
     def log(step, metrics):
         lines.append(json.dumps({"step": step} | metrics) + "\n")

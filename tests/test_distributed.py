@@ -54,16 +54,13 @@ def metrics(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
 
 
-def test_two_processes_train_like_one(tmp_path):
-    """2 processes x 2 devices and 1 process x 4 devices: the same loss, norms and evaluation
-    at every step (exploration on, so its draws must not depend on the process split)."""
-    common = [*TINY, f"--builtin_dir={tmp_path / 'data'}"]
+def two_processes(args):
+    """Run train.py as 2 processes x 2 CPU devices; returns their (stdout, stderr)."""
     port = free_port()
     procs = [
         launch(
             [
-                *common,
-                f"--workdir={tmp_path / 'two'}",
+                *args,
                 f"--coordinator_address=127.0.0.1:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
@@ -76,11 +73,24 @@ def test_two_processes_train_like_one(tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    assert "eval @" in outs[0][0] and "eval @" not in outs[1][0]  # only process 0 reports
+    return outs
+
+
+def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path):
+    """2 processes x 2 devices, stopped after 5 steps and resumed from their checkpoint (each
+    process wrote its rows of the carry), against 1 process x 4 devices run straight through:
+    the same loss, norms and evaluation at every step. Exploration is on, so its draws must
+    not depend on the process split."""
+    common = [*TINY, f"--builtin_dir={tmp_path / 'data'}"]
+    first = two_processes([*common, f"--workdir={tmp_path / 'two'}", "--max_steps=5"])
+    assert "eval @ 5" in first[0][0] and "eval @" not in first[1][0]  # only process 0 reports
+    second = two_processes([*common, f"--workdir={tmp_path / 'two'}"])
+    assert "resumed from" in second[0][0]
     single = launch([*common, f"--workdir={tmp_path / 'one'}"], devices=4)
     out, err = single.communicate(timeout=600)
     assert single.returncode == 0, err[-3000:]
-    two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    two = [m for m in metrics(tmp_path / "two") if m["step"] != 5 or "train/loss" in m]
+    one = metrics(tmp_path / "one")
     assert [m["step"] for m in two] == [m["step"] for m in one] and len(two) > 8
     for a, b in zip(two, one, strict=True):
         for k in (

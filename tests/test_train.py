@@ -14,10 +14,10 @@ import optax
 import pytest
 from absl import flags
 from absl.testing import flagsaver
-from test_model import assert_close, batch_of, tiny
 
 import ema
 import train
+from test_model import assert_close, batch_of, tiny
 
 ROOT = pathlib.Path(__file__).parents[1]
 if not flags.FLAGS.is_parsed():
