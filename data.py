@@ -1,4 +1,4 @@
-"""Sudoku data: the official Sudoku-Extreme CSVs or built-in puzzles, in the reference's layout.
+r"""Sudoku data: the official Sudoku-Extreme CSVs or built-in puzzles, in the reference's layout.
 
 Build a dataset (both write `<out>/{train,test}/dataset.json` + `all__*.npy`, the layout of
 the official TRM code, so datasets built by either project load in both):
@@ -292,6 +292,7 @@ def download_csvs(out_dir, repo="sapientinc/sudoku-extreme"):
         from huggingface_hub import hf_hub_download  # noqa: PLC0415 (optional dependency)
     except ImportError as e:
         raise SystemExit("--download needs huggingface_hub: pip install huggingface_hub") from e
+    os.makedirs(out_dir, exist_ok=True)
     for name in ("train.csv", "test.csv"):
         hf_hub_download(repo, name, repo_type="dataset", local_dir=out_dir)
     return out_dir
@@ -433,7 +434,15 @@ def main(argv):
     if len(argv) != 2 or argv[1] not in ("sudoku", "builtin"):
         raise app.UsageError("usage: python data.py sudoku|builtin --out=DIR [flags]; see --help")
     F = flags.FLAGS
-    if argv[1] == "builtin":
+    try:  # a bad file or value is one clear line, not a traceback
+        build(argv[1], F)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"data.py: error: {e}") from e
+    logging.info("wrote %s", F.out)
+
+
+def build(what, F):
+    if what == "builtin":
         build_builtin(F.out, F.num_train, F.num_test, F.min_blanks, F.max_blanks, F.num_aug, F.seed)
     else:
         if not (F.csv_dir or F.download):
@@ -444,7 +453,6 @@ def main(argv):
             download_csvs(F.csv_dir or os.path.join(F.out, "csv")) if F.download else F.csv_dir
         )
         build_sudoku(csv_dir, F.out, F.subsample, F.num_aug, F.seed, F.min_rating)
-    logging.info("wrote %s", F.out)
 
 
 if __name__ == "__main__":

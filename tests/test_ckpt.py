@@ -314,6 +314,42 @@ def test_load_torch_file(tmp_path, monkeypatch):
     torch.save(state, tmp_path / "step_100")
     loaded = ckpt.load_torch(str(tmp_path / "step_100"), cfg)
     assert_close(loaded["embed"], params["embed"], 1e-2, 1e-2)  # stored in bfloat16
+    # train.py evaluates those weights (on built-in puzzles) with the matching arch flags.
+    arch = [
+        "--hidden_size=32",
+        "--num_heads=2",
+        "--H_cycles=2",
+        "--L_cycles=2",
+        "--L_layers=2",
+        "--mlp_t=false",
+        "--pos_encodings=rope",
+        "--puzzle_emb_len=4",
+        "--halt_max_steps=3",
+        "--forward_dtype=float32",
+        "--builtin_train=8",
+        "--builtin_test=8",
+        "--builtin_aug=0",
+        "--global_batch_size=8",
+        f"--builtin_dir={tmp_path}",
+    ]
+    out = run([*arch, "--eval_only", f"--init_from={tmp_path / 'step_100'}"])
+    assert "eval @ 0" in out.stdout
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            *arch,
+            "--hidden_size=64",
+            "--eval_only",
+            f"--init_from={tmp_path / 'step_100'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert bad.returncode == 1 and "inner.embed_tokens.embedding_weight: (11, 32)" in bad.stderr
 
 
 def test_eval_only_and_init_from_reproduce_the_final_evaluation(tmp_path):

@@ -1,12 +1,17 @@
 """data.py: valid puzzles, faithful augmentations, strict CSV reading, reproducible batches."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import data
 
+ROOT = pathlib.Path(__file__).parents[1]
 GIVENS = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
 SOLUTION = "534678912672195348198342567859761423426853791713924856961537284287419635345286179"
 
@@ -175,3 +180,54 @@ def test_eval_batches_walk_the_test_set_and_pad_the_last(builtin):
     labels = np.concatenate([b["labels"] for b in batches])
     assert (labels[n:] == data.IGNORE_LABEL).all()
     assert sum(len(b["inputs"]) for b in data.eval_batches(test, 4, max_examples=5)) == 8
+
+
+def test_command_line_download_and_errors(tmp_path):
+    """`python data.py sudoku --download` through a stand-in huggingface_hub (no network
+    here) that serves two small CSVs, and a bad CSV reported in one line."""
+    rng = np.random.default_rng(0)
+    q, a = data.augment(grid(GIVENS), grid(SOLUTION), 6, rng)
+    rows = [
+        ["s", "".join(map(str, x)).replace("0", "."), "".join(map(str, y)), "0"]
+        for x, y in zip(q, a, strict=True)
+    ]
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    write_csv(hub / "train.csv", rows[:4])
+    write_csv(hub / "test.csv", rows[4:])
+    fake = tmp_path / "fake" / "huggingface_hub"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "import shutil\n"
+        "def hf_hub_download(repo, name, repo_type, local_dir):\n"
+        f"    assert repo == 'sapientinc/sudoku-extreme' and repo_type == 'dataset'\n"
+        f"    return shutil.copy({str(hub)!r} + '/' + name, local_dir)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "fake"))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "data.py",
+            "sudoku",
+            "--download",
+            f"--out={tmp_path / 'ds'}",
+            "--num_aug=2",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(data.load([str(tmp_path / "ds")], "train")["inputs"]) == 12
+    write_csv(hub / "train.csv", [["s", GIVENS, SOLUTION[:-1] + "x", "0"]])
+    out = subprocess.run(
+        [sys.executable, "data.py", "sudoku", f"--csv_dir={hub}", f"--out={tmp_path / 'bad'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "train.csv:2: answer has 'x' at cell 80" in out.stderr

@@ -189,3 +189,15 @@ def test_user_mistakes_are_reported_without_a_traceback(tmp_path, args, message)
     assert out.returncode != 0
     assert re.search(message, out.stderr), out.stderr[-2000:]
     assert "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("rule,factor", [("none", 1.0), ("linear", 2.0), ("sqrt", 2**0.5)])
+def test_lr_scaling_rules(rule, factor):
+    """Batch 1536 against the base 768: lr and puzzle_emb_lr both scale by the rule."""
+    with flagsaver.flagsaver(global_batch_size=1536, lr_scaling=rule, lr_warmup_steps=10):
+        tx, lr = train.optimizer(total_steps=100)
+    assert_close(lr(10), 1e-4 * factor, 0, 1e-6)
+    table = {"puzzle_emb": jnp.ones((1, 4))}
+    updates, _ = tx.update(table, tx.init(table), table, rows=jnp.ones(1, bool))
+    # SignSGD at step 1 of the 10-step warm-up: -(lr / 10) * (wd * w + sign(g)), wd = w = g = 1
+    assert_close(updates["puzzle_emb"], np.full((1, 4), -2e-5 * factor), 0, 1e-5)
