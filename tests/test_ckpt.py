@@ -254,7 +254,8 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(workdir, tmp_path, 
     assert losses(workdir) == {s: uninterrupted[s] for s in range(1, last_good + 5)}
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_save_and_exit_cleanly(tmp_path, sig):
     args = [
         *TINY,
         "--epochs=1000",
@@ -275,11 +276,11 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text()) > 1000):
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
-    assert "SIGTERM: stopped at step" in out
-    step = int(out.split("SIGTERM: stopped at step ")[1].split(";")[0])
+    assert f"{sig.name}: stopped at step" in out
+    step = int(out.split(f"{sig.name}: stopped at step ")[1].split(";")[0])
     found, _ = ckpt.latest(str(tmp_path / "run" / "ckpt"))
     assert found == step
 
