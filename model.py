@@ -159,7 +159,7 @@ def init_params(key, cfg: Config) -> dict:
         "blocks": [block() for _ in range(cfg.layers)],
         "lm_head": lecun(cfg.D, cfg.vocab_size),
         # Zero weights and bias -5: q starts at -5 for every input, halting is learned later.
-        "q_head": {"w": jnp.zeros((cfg.D, 2)), "b": jnp.full((2,), Q_INIT_BIAS)},
+        "q_head": {"w": jnp.zeros((cfg.D, 2)), "b": jnp.full((2,), Q_INIT_BIAS, jnp.float32)},
         "H_init": normal((cfg.D,), 1.0),
         "L_init": normal((cfg.D,), 1.0),
     }

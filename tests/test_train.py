@@ -96,7 +96,7 @@ def test_data_parallel_equals_single_device(mlp_t):
     """8 devices, each with an eighth of the batch: the same losses, gradient norms, params,
     EMA and carry as 1 device (exploration on, so its draws must not depend on the split)."""
     cfg = tiny(mlp_t=mlp_t, pos_encodings="none" if mlp_t else "rope", halt_exploration_prob=0.5)
-    batches = [batch_of(jax.random.key(i), B=16) for i in range(4)]
+    batches = [batch_of(jax.random.key(i), B=16) for i in range(3)]
     one = run_steps(cfg, 1, batches)
     four = run_steps(cfg, 8, batches)
     assert_close(four[0], one[0], 1e-6, 1e-5, what="losses")
@@ -201,3 +201,37 @@ def test_lr_scaling_rules(rule, factor):
     updates, _ = tx.update(table, tx.init(table), table, rows=jnp.ones(1, bool))
     # SignSGD at step 1 of the 10-step warm-up: -(lr / 10) * (wd * w + sign(g)), wd = w = g = 1
     assert_close(updates["puzzle_emb"], np.full((1, 4), -2e-5 * factor), 0, 1e-5)
+
+
+def test_no_recompilation_after_the_first_step():
+    """New batches, an evolving carry and EMA: the train and eval steps compile once."""
+    compiles = []
+
+    def listener(event, *_, **__):
+        if "backend_compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        counts = compile_counts(compiles)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert counts[0] > 0 and counts[1:] == [counts[0]] * 4, counts
+
+
+def compile_counts(compiles):
+    """Compilations so far after each of 5 train steps (each followed by an evaluation)."""
+    cfg = tiny(halt_exploration_prob=0.5)
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    batches = [jax.device_put(batch_of(jax.random.key(i), B=8), sharding) for i in range(5)]
+    tx, _ = train.optimizer(total_steps=100)
+    state = train.init_state(cfg, tx, batches[0], mesh, seed=0, use_ema=True)
+    train_step, eval_step = train.make_steps(cfg, mesh, tx, 8, ema_rate=0.9)
+    counts = []
+    for batch in batches:
+        state, metrics = train_step(state, batch)
+        weights = state["ema"] | {"puzzle_emb": state["params"]["puzzle_emb"]} | state["buffers"]
+        jax.block_until_ready(eval_step(weights, batch))
+        counts.append(len(compiles))
+    return counts
