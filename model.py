@@ -9,6 +9,8 @@ head reads y; the Q head reads y at position 0 and decides when to stop.
 Notable features:
 - MLP-mixer variant (`mlp_t`: a SwiGLU over the sequence axis instead of attention, the
   paper's best Sudoku model) and the attention variant (RoPE / learned / no positions).
+  The mixer block itself is `kernels.mixer_step_ref` (jnp), or `kernels.mixer_step`, the
+  same block fused into one Pallas kernel (`Config.kernel`).
 - Faithful to the official PyTorch code (SamsungSAILMontreal/TinyRecursiveModels @ e7b6871):
   same inits, widths, norms, puzzle-embedding prefix and loss; tests/test_model.py checks
   logits, losses and every gradient against arrays produced by that code.
@@ -25,6 +27,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+import kernels
 
 IGNORE_LABEL = -100  # label of cells that count neither in the loss nor in accuracy
 SWIGLU_MULTIPLE = 256  # SwiGLU width is rounded up to a multiple of this, as in the reference
@@ -82,12 +86,16 @@ class Config:
     forward_dtype: str = "bfloat16"  # activations and carry; params stay float32
     no_ACT_continue: bool = True  # halt on sigmoid(q_halt) alone; False adds the Q-continue loss
     loss_type: str = "stablemax"  # stablemax (the reference's) | softmax
+    kernel: str = "xla"  # MLP-mixer block: xla (jnp) | pallas (kernels.mixer_step, fused)
+    interpret: bool = False  # run the Pallas kernel in the interpreter (CPU tests)
 
     def __post_init__(self):
         checks = [
             (self.pos_encodings in ("rope", "learned", "none"), "pos_encodings"),
             (self.forward_dtype in DTYPES, "forward_dtype"),
             (self.loss_type in ("stablemax", "softmax"), "loss_type"),
+            (self.kernel in ("xla", "pallas"), "kernel"),
+            (self.mlp_t or self.kernel == "xla", "the Pallas kernel is for mlp_t only"),
             (min(self.T, self.n, self.layers, self.N_sup, self.D, self.seq_len) >= 1, "T/n/..."),
             (self.mlp_t or self.D % self.heads == 0, "D % heads"),
             (self.puzzle_emb_ndim <= self.P * self.D, "puzzle_emb_ndim > P * D"),
@@ -221,24 +229,26 @@ def attention(w, cfg: Config, h_BxLxD, rope):
     return out_BxLxD @ w["out"].astype(h_BxLxD.dtype)
 
 
-def block(w, cfg: Config, h_BxLxD, rope):
-    """One post-norm block: sequence mixing (MLP over L, or attention), then a channel MLP."""
-    if cfg.mlp_t:  # the mixer acts on (B, D, L); its RMSNorm is therefore over the L axis
-        h_BxDxL = h_BxLxD.swapaxes(1, 2)
-        h_BxDxL = rms_norm(
-            h_BxDxL + swiglu(h_BxDxL, w["token_gate_up"], w["token_down"]), cfg.rms_norm_eps
-        )
-        h_BxLxD = h_BxDxL.swapaxes(1, 2)
-    else:
-        h_BxLxD = rms_norm(h_BxLxD + attention(w, cfg, h_BxLxD, rope), cfg.rms_norm_eps)
+def block(w, cfg: Config, h_BxLxD, injection, rope):
+    """One post-norm block on h (+ the injection, when given): sequence mixing (an MLP over
+    L, or attention), then a channel MLP, each with a residual and an RMSNorm."""
+    if cfg.mlp_t:  # the MLP-mixer block: the jnp reference, or the same block fused in Pallas
+        if cfg.kernel == "pallas":
+            return kernels.mixer_step(
+                h_BxLxD, w, injection, eps=cfg.rms_norm_eps, interpret=cfg.interpret
+            )
+        return kernels.mixer_step_ref(h_BxLxD, w, injection, eps=cfg.rms_norm_eps)
+    if injection is not None:
+        h_BxLxD = h_BxLxD + injection
+    h_BxLxD = rms_norm(h_BxLxD + attention(w, cfg, h_BxLxD, rope), cfg.rms_norm_eps)
     return rms_norm(h_BxLxD + swiglu(h_BxLxD, w["gate_up"], w["down"]), cfg.rms_norm_eps)
 
 
 def net(params, cfg: Config, h, injection, rope):
-    """The one tiny network: the injection is added once, then `layers` blocks."""
-    h = h + injection
-    for w in params["blocks"]:
-        h = block(w, cfg, h, rope)
+    """The one tiny network: the injection is added once (by the first block), then
+    `layers` blocks."""
+    for i, w in enumerate(params["blocks"]):
+        h = block(w, cfg, h, injection if i == 0 else None, rope)
     return h
 
 
@@ -252,11 +262,11 @@ def latent_recursion(params, cfg: Config, x, y, z, rope):
 
 def deep_recursion(params, cfg: Config, x, y, z, rope):
     """Paper: T-1 latent recursions without gradient, then one with gradient."""
-    # No gradient: run on stopped params and x, so autodiff never sees this loop and keeps
-    # no activations for it (only 1 of the T cycles, (n+1) * layers blocks, is recorded).
-    params_ng, x_ng = jax.lax.stop_gradient((params, x))
+    # No gradient: run on stopped params, x, y and z, so autodiff never sees this loop and
+    # keeps no activations for it (only 1 of the T cycles, (n+1) * layers blocks, is recorded).
+    params_ng, x_ng, yz = jax.lax.stop_gradient((params, x, (y, z)))
     y, z = jax.lax.fori_loop(
-        0, cfg.T - 1, lambda _, yz: latent_recursion(params_ng, cfg, x_ng, *yz, rope), (y, z)
+        0, cfg.T - 1, lambda _, yz: latent_recursion(params_ng, cfg, x_ng, *yz, rope), yz
     )
     return latent_recursion(params, cfg, x, y, z, rope)
 

@@ -75,6 +75,10 @@ _ROPE_THETA = flags.DEFINE_float("rope_theta", 10000.0, "")
 _FORWARD_DTYPE = flags.DEFINE_enum("forward_dtype", "bfloat16", list(model.DTYPES), "")
 _NO_ACT_CONTINUE = flags.DEFINE_bool("no_ACT_continue", True, "False: add the Q-continue loss")
 _LOSS_TYPE = flags.DEFINE_enum("loss_type", "stablemax", ["stablemax", "softmax"], "")
+_KERNEL = flags.DEFINE_enum(
+    "kernel", "auto", ["auto", "pallas", "xla"], "MLP-mixer block; auto = pallas on TPU, else xla"
+)
+_INTERPRET = flags.DEFINE_bool("interpret", False, "run the Pallas kernel in its interpreter")
 # optimizer
 _OPTIMIZER = flags.DEFINE_enum("optimizer", "adam_atan2", ["adam_atan2", "adamw"], "")
 _LR = flags.DEFINE_float("lr", 1e-4, "peak learning rate")
@@ -112,6 +116,22 @@ _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
 )
 
 
+def kernel_choice() -> str:
+    """--kernel=auto: the fused Pallas kernel (kernels.py) for the MLP-mixer on TPU, where it
+    compiles; the XLA path elsewhere (CPU, GPU, attention)."""
+    platform, kernel = jax.devices()[0].platform, _KERNEL.value
+    if kernel == "auto":
+        return "pallas" if platform == "tpu" and _MLP_T.value else "xla"
+    if kernel == "pallas" and not _MLP_T.value:
+        raise ValueError("--kernel=pallas fuses the MLP-mixer block: it needs --mlp_t")
+    if kernel == "pallas" and platform != "tpu" and not _INTERPRET.value:
+        raise ValueError(
+            f"--kernel=pallas is a TPU (Mosaic) kernel and this is {platform}: use --kernel=xla,"
+            " or add --interpret to run it in the Pallas interpreter (slow; for tests)"
+        )
+    return kernel
+
+
 def model_config(meta) -> model.Config:
     return model.Config(
         vocab_size=meta["vocab_size"],
@@ -136,6 +156,8 @@ def model_config(meta) -> model.Config:
         forward_dtype=_FORWARD_DTYPE.value,
         no_ACT_continue=_NO_ACT_CONTINUE.value,
         loss_type=_LOSS_TYPE.value,
+        kernel=kernel_choice(),
+        interpret=_INTERPRET.value,
     )
 
 

@@ -1,0 +1,303 @@
+"""The TRM-MLP block as one fused Pallas TPU kernel, with its jnp reference below it.
+
+The Sudoku-MLP TRM applies one MLP-mixer block 42 times per ACT step forward (T=3 cycles of
+n=6 z-updates and one y-update, through 2 layers). As separate ops, each block passes the
+(B, L, D) activations (or its wider SwiGLU intermediates) through HBM about ten times: the
+injection add, the token-mixing SwiGLU (two matmuls and the gate) with its residual and norm
+over L, the channel SwiGLU with its residual and norm over D. `mixer_step` keeps a tile of
+`block_b` rows in VMEM through the whole block: it reads x (and the injection) once and
+writes the result once.
+
+Layout. No transposes: in the natural (L, D) layout of one row, mixing over L is a left
+multiplication, gate|up = Wtok_gu^T (2Ft, L) @ x (L, D) and back = Wtok_down^T (L, Ft) @ a,
+so the wrapper passes the two small token weights transposed. The channel SwiGLU runs on the
+tile flattened to (block_b * L, D) rows, over `block_f` columns of its hidden width at a time
+(f32 accumulator), so its (rows, F) intermediate never exists whole.
+
+Padding. L is padded with zero rows to a multiple of the sublane tile (8 rows of 32 bits;
+16 for bf16), the token weights with zeros to match. Padding rows stay exactly zero through
+the block (no biases; SwiGLU(0) = 0; RMSNorm(0) = 0), and the norm over L divides by the true
+L, so padding changes no value. Sudoku: L = 16 + 81 = 97 -> 104 (f32) / 112 (bf16).
+
+Grid: (B / block_b,), "parallel" (v4 megacore splits it over its two TensorCores). Weights
+are whole blocks with a constant index map and a single buffer (`pl.Buffered(1)`): fetched
+once, resident across grid steps.
+
+VMEM budget (`vmem_bytes`; v4 has 16 MiB per TensorCore, v5e/v6e 128 MiB), Sudoku-MLP
+(D=512, L=97 -> Lp=112, Ft=512, F=1536) in bf16, block_b = bb rows a step:
+  weights, one buffer          2 * (3*512*112 + 3*1536*512)          = 4.83 MiB
+  x, injection, out tiles      3 arrays * 2 buffers * 2 * bb*112*512  = 0.66 MiB * bb
+  h scratch                    2 * bb*112*512                         = 0.11 MiB * bb
+  token-mix f32 temporaries    4 * (3*512 + 2*112) * block_d=256      = 1.72 MiB
+  channel f32 temporaries      4 * (2*block_f + 2*512) * bb*112       = 0.88 MiB * bb
+  -> 6.55 MiB + 1.64 MiB * bb. `default_block_sizes` takes the largest bb (dividing B, at
+  most 8) within 80% of VMEM: bb=3 on v4 (11.5 MiB); the VMEM limit asked of Mosaic is the
+  estimate + 25% + 2 MiB. In f32 the weights alone are 9.7 MiB: bb=1 (13.5 MiB) on v4.
+
+HBM traffic per block application, bf16, per row (L*D*2 bytes = 97 KiB at Sudoku size):
+unfused, the block's ops read and write the activations about 10 times (injection add, two
+matmul-SwiGLU-matmul chains with their residual adds and norms); XLA fuses
+the elementwise ops into its matmuls' prologues and epilogues, which removes some of
+those passes, not all. The kernel reads x and the injection and writes the result: 3 passes,
+plus a pad and a slice of L in XLA around it (~4 more, cheap copies), and reads the weights
+(5 MiB) once per call rather than once per fused op. This is arithmetic: nothing here has run
+on a TPU; `python bench.py --kernel=pallas` on one measures it.
+
+Backward: `jax.custom_vjp` whose backward recomputes the block with the jnp reference and
+takes its VJP (activations are recomputed, not stored: the residuals are the inputs). The
+T-1 no-gradient cycles never call the backward and keep nothing. A Pallas backward kernel is
+future work, worth it only if measured faster on a TPU.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+NUM_LANES = 128  # TPU vreg: 8 sublanes x 128 lanes of 32 bits
+NUM_SUBLANES = 8
+V4_VMEM = 16 * 2**20  # per TensorCore; the smallest of v4, v5e, v5p, v6e
+VMEM_BUDGET = 0.8  # of the VMEM, for the tiles picked by default (Mosaic needs some itself)
+WEIGHT_NAMES = ("token_gate_up", "token_down", "gate_up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiling of `mixer_step`: `block_b` rows per grid step; the token mixing works on
+    `block_d` of the D columns at a time, the channel SwiGLU on `block_f` of its F."""
+
+    block_b: int
+    block_d: int
+    block_f: int
+
+    def __post_init__(self):
+        if min(self.block_b, self.block_d, self.block_f) < 1:
+            raise ValueError(f"BlockSizes must be positive, got {self}")
+
+    def validate(self, B: int, D: int, F: int):
+        if B % self.block_b:
+            raise ValueError(f"block_b={self.block_b} does not divide the batch B={B}")
+        for name, block, full in (("block_d", self.block_d, D), ("block_f", self.block_f, F)):
+            if full % block:
+                raise ValueError(f"{name}={block} does not divide {full}")
+            if block != full and block % NUM_LANES:
+                raise ValueError(f"{name}={block} must be a multiple of {NUM_LANES} or {full}")
+
+
+def padded_len(L: int, dtype) -> int:
+    """L rounded up to whole sublane tiles (16 rows for 16-bit dtypes, 8 for 32-bit)."""
+    rows = NUM_SUBLANES * 4 // jnp.dtype(dtype).itemsize
+    return -(-L // rows) * rows
+
+
+def vmem_bytes(bs: BlockSizes, B, L, D, Ft, F, dtype, injection=True) -> int:
+    """Estimated VMEM of one grid step (see the module docstring for the terms)."""
+    Lp, item = padded_len(L, dtype), jnp.dtype(dtype).itemsize
+    weights = (3 * Ft * Lp + 3 * F * D) * item  # single-buffered
+    tiles = (3 if injection else 2) * 2 * bs.block_b * Lp * D * item  # double-buffered
+    scratch = bs.block_b * Lp * D * item
+    token_tmp = (3 * Ft + 2 * Lp) * bs.block_d * 4
+    channel_tmp = (2 * bs.block_f + 2 * D) * bs.block_b * Lp * 4
+    return weights + tiles + scratch + token_tmp + channel_tmp
+
+
+def vmem_capacity() -> int:
+    """VMEM per TensorCore of the attached TPU; v4's (the smallest) when none is attached
+    (interpret mode, or lowering for TPU on another machine)."""
+    if jax.devices()[0].platform == "tpu":
+        return pltpu.get_tpu_info().vmem_capacity_bytes
+    return V4_VMEM
+
+
+def default_block_sizes(B, L, D, Ft, F, dtype, injection=True) -> BlockSizes:
+    """The largest block_b (a divisor of B, at most 8) whose VMEM estimate fits the budget."""
+    block_d = next((d for d in (256, 128) if D % d == 0), D)
+    block_f = next((f for f in (512, 256, 128) if F % f == 0), F)
+    capacity = vmem_capacity()
+    fits = [
+        b
+        for b in range(1, min(B, 8) + 1)
+        if B % b == 0
+        and vmem_bytes(BlockSizes(b, block_d, block_f), B, L, D, Ft, F, dtype, injection)
+        <= VMEM_BUDGET * capacity
+    ]
+    bs = BlockSizes(max(fits, default=1), block_d, block_f)
+    need = vmem_bytes(bs, B, L, D, Ft, F, dtype, injection)
+    if need > capacity:
+        raise ValueError(
+            f"The fused mixer block needs ~{need / 2**20:.1f} MiB of VMEM at B={B} L={L} D={D} "
+            f"F={F} {jnp.dtype(dtype).name}, more than the {capacity / 2**20:.0f} MiB there are:"
+            " use bfloat16 or the XLA path (--kernel=xla)"
+        )
+    return bs
+
+
+def _mixer_kernel(*refs, L, eps, block_d, block_f, has_injection):
+    # inputs:  x_ref, inj_ref (block_b, Lp, D)   [inj_ref only with an injection]
+    #          tgu_ref (2Ft, Lp)  token gate|up, transposed;  td_ref (Lp, Ft) token down^T
+    #          gu_ref (D, 2F)     channel gate|up;            d_ref (F, D) channel down
+    # outputs: o_ref (block_b, Lp, D)
+    # scratch: h_ref (block_b, Lp, D): the tile after the token-mixing half
+    if has_injection:
+        x_ref, inj_ref, tgu_ref, td_ref, gu_ref, d_ref, o_ref, h_ref = refs
+    else:
+        x_ref, tgu_ref, td_ref, gu_ref, d_ref, o_ref, h_ref = refs
+    block_b, Lp, D = x_ref.shape
+    Ft, F, dtype = td_ref.shape[1], d_ref.shape[0], x_ref.dtype
+
+    def dot(a, b):  # MXU matmul, f32 accumulation, rounded to the activation dtype
+        return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype)
+
+    def glu(gate, up):  # silu(gate) * up, in f32 (v4 has no bf16 VPU), rounded once
+        gate = gate.astype(jnp.float32)
+        return (gate * jax.nn.sigmoid(gate) * up.astype(jnp.float32)).astype(dtype)
+
+    def token_mix(i, carry):  # one row: SwiGLU over L + residual + RMSNorm over the true L
+        for d in range(0, D, block_d):  # columns are independent here: block_d at a time
+            cols = pl.ds(d, block_d)
+            x = x_ref[i, :, cols] + inj_ref[i, :, cols] if has_injection else x_ref[i, :, cols]
+            a = glu(dot(tgu_ref[:Ft, :], x), dot(tgu_ref[Ft:, :], x))  # (Ft, block_d)
+            h = (x + dot(td_ref[...], a)).astype(jnp.float32)  # (Lp, block_d)
+            ms = jnp.sum(h * h, axis=0, keepdims=True) / L  # zero padding rows add nothing
+            h_ref[i, :, cols] = (h * jax.lax.rsqrt(ms + eps)).astype(dtype)
+        return carry
+
+    jax.lax.fori_loop(0, block_b, token_mix, 0)
+
+    h = h_ref[...].reshape(block_b * Lp, D)  # Lp is whole sublane tiles: a free reshape
+    acc = jnp.zeros((block_b * Lp, D), jnp.float32)
+    for f in range(0, F, block_f):  # the channel SwiGLU, block_f hidden columns at a time
+        a = glu(dot(h, gu_ref[:, f : f + block_f]), dot(h, gu_ref[:, F + f : F + f + block_f]))
+        acc += jnp.dot(a, d_ref[f : f + block_f, :], preferred_element_type=jnp.float32)
+    out = (h + acc.astype(dtype)).astype(jnp.float32)
+    out = out * jax.lax.rsqrt(jnp.mean(out * out, axis=-1, keepdims=True) + eps)
+    o_ref[...] = out.astype(dtype).reshape(block_b, Lp, D)
+
+
+def _pallas_forward(x, injection, weights, eps, block_sizes, interpret):
+    B, L, D = x.shape
+    Ft, F = weights["token_down"].shape[0], weights["down"].shape[0]
+    dtype, Lp = x.dtype, padded_len(L, x.dtype)
+    bs = block_sizes or default_block_sizes(B, L, D, Ft, F, dtype, injection is not None)
+    bs.validate(B, D, F)
+    w = {k: v.astype(dtype) for k, v in weights.items()}  # as the reference casts them
+    pad_rows = ((0, 0), (0, Lp - L), (0, 0))
+    tiles = [jnp.pad(x, pad_rows)] + ([] if injection is None else [jnp.pad(injection, pad_rows)])
+    token_gu_T = jnp.pad(w["token_gate_up"], ((0, Lp - L), (0, 0))).T  # (2Ft, Lp)
+    token_down_T = jnp.pad(w["token_down"], ((0, 0), (0, Lp - L))).T  # (Lp, Ft)
+
+    tile = pl.BlockSpec((bs.block_b, Lp, D), lambda i: (i, 0, 0))
+
+    def resident(shape):  # fetched once: constant block index, one buffer
+        return pl.BlockSpec(shape, lambda i: (0, 0), pipeline_mode=pl.Buffered(1))
+
+    estimate = vmem_bytes(bs, B, L, D, Ft, F, dtype, injection is not None)
+    flops = 2 * B * (3 * Ft * Lp * D + 3 * Lp * D * F)
+    out = pl.pallas_call(
+        functools.partial(
+            _mixer_kernel,
+            L=L,
+            eps=eps,
+            block_d=bs.block_d,
+            block_f=bs.block_f,
+            has_injection=injection is not None,
+        ),
+        # Under shard_map the output varies over the mesh axes as x does.
+        out_shape=jax.ShapeDtypeStruct((B, Lp, D), dtype, manual_axis_type=jax.typeof(x).mat),
+        grid=(B // bs.block_b,),
+        in_specs=[tile] * len(tiles)
+        + [resident(a.shape) for a in (token_gu_T, token_down_T, w["gate_up"], w["down"])],
+        out_specs=tile,
+        scratch_shapes=[pltpu.VMEM((bs.block_b, Lp, D), dtype)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel",),
+            vmem_limit_bytes=min(vmem_capacity(), int(1.25 * estimate) + 2**21),
+        ),
+        cost_estimate=pl.CostEstimate(
+            flops=flops,
+            transcendentals=B * Lp * (Ft + F),
+            bytes_accessed=(len(tiles) + 1) * x.size * x.dtype.itemsize
+            + sum(v.size * v.dtype.itemsize for v in w.values()),
+        ),
+        interpret=pltpu.InterpretParams() if interpret else False,
+    )(*tiles, token_gu_T, token_down_T, w["gate_up"], w["down"])
+    return out[:, :L]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused(x, injection, weights, eps, block_sizes, interpret):
+    return _pallas_forward(x, injection, weights, eps, block_sizes, interpret)
+
+
+def _fused_fwd(x, injection, weights, eps, block_sizes, interpret):
+    out = _pallas_forward(x, injection, weights, eps, block_sizes, interpret)
+    return out, (x, injection, weights)  # inputs only: the backward recomputes
+
+
+def _fused_bwd(eps, block_sizes, interpret, residuals, g):
+    x, injection, weights = residuals
+    _, vjp = jax.vjp(lambda x, i, w: mixer_step_ref(x, w, i, eps=eps), x, injection, weights)
+    return vjp(g)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def check_shapes(x, weights, injection=None):
+    """ValueError naming the shapes when x, the injection and the weights do not fit."""
+    if x.ndim != 3 or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be a float (B, L, D) array, got {x.dtype}{list(x.shape)}")
+    if sorted(weights) != sorted(WEIGHT_NAMES):
+        raise ValueError(f"weights must have keys {WEIGHT_NAMES}, got {sorted(weights)}")
+    _, L, D = x.shape
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    Ft, F = shapes["token_down"][0], shapes["down"][0]
+    want = {"token_gate_up": (L, 2 * Ft), "token_down": (Ft, L), "gate_up": (D, 2 * F)}
+    want["down"] = (F, D)
+    if shapes != want:
+        raise ValueError(f"weights {shapes} do not fit x {x.shape}: expected {want}")
+    if injection is not None and injection.shape != x.shape:
+        raise ValueError(f"injection {injection.shape} must have the shape of x {x.shape}")
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "block_sizes", "interpret"))
+def mixer_step(x_BxLxD, weights, injection_BxLxD=None, *, eps=1e-5, block_sizes=None,
+               interpret=False):  # fmt: skip
+    """One TRM MLP-mixer block, fused: `mixer_step_ref` in one Pallas kernel.
+
+    Args:
+      x_BxLxD: activations, float32 or bfloat16 (the output has the same dtype).
+      weights: {"token_gate_up": (L, 2Ft), "token_down": (Ft, L), "gate_up": (D, 2F),
+        "down": (F, D)}, any float dtype (cast to x's, as the reference does).
+      injection_BxLxD: optional; added to x first (TRM's input injection), in the kernel.
+      eps: RMSNorm epsilon.
+      block_sizes: `BlockSizes`; default `default_block_sizes(...)`.
+      interpret: run the kernel in Pallas' interpreter (any backend, e.g. CPU tests).
+    Returns:
+      (B, L, D): the block's output.
+    """
+    check_shapes(x_BxLxD, weights, injection_BxLxD)
+    return _fused(x_BxLxD, injection_BxLxD, weights, eps, block_sizes, interpret)
+
+
+def mixer_step_ref(x_BxLxD, weights, injection_BxLxD=None, *, eps=1e-5):
+    """The same block in plain jnp: the XLA path, the test oracle and the VJP. As in the
+    kernel, mixing over L multiplies each row's (L, D) matrix from the left, with no
+    transposes (the reference code mixes a transposed (B, D, L) view; the same values, and
+    on CPU this ran the block's forward 1.4x faster)."""
+
+    def rms_norm(h, axis):  # no scale; in float32
+        h32 = h.astype(jnp.float32)
+        ms = jnp.mean(h32 * h32, axis, keepdims=True)
+        return (h32 * jax.lax.rsqrt(ms + eps)).astype(h.dtype)
+
+    h = x_BxLxD if injection_BxLxD is None else x_BxLxD + injection_BxLxD
+    w = {k: v.astype(h.dtype) for k, v in weights.items()}
+    gate_up_BxFxD = jnp.einsum("bld,lf->bfd", h, w["token_gate_up"])  # F here is 2Ft
+    gate, up = jnp.split(gate_up_BxFxD, 2, axis=1)
+    h = rms_norm(h + jnp.einsum("bfd,fl->bld", jax.nn.silu(gate) * up, w["token_down"]), axis=1)
+    gate, up = jnp.split(h @ w["gate_up"], 2, axis=-1)
+    return rms_norm(h + (jax.nn.silu(gate) * up) @ w["down"], axis=-1)

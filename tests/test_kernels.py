@@ -1,0 +1,220 @@
+"""kernels.py: the fused mixer kernel (Pallas interpreter) against its jnp reference,
+forward and backward, its lowering for TPU, and training with it."""
+
+import json
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+import model
+from test_model import assert_close, batch_of, tiny
+from test_train import ROOT, run_steps
+
+TOL = {jnp.float32: (1e-4, 1e-5), jnp.bfloat16: (6e-2, 8e-3)}  # (max, mean) abs error
+SUDOKU = dict(L=97, D=512)  # the paper's Sudoku-MLP block: 16 puzzle positions + 81 cells
+
+
+def block_inputs(B, L, D, dtype, seed=0):
+    cfg = model.Config(D=D, seq_len=L, puzzle_emb_ndim=0)
+    weights = model.init_params(jax.random.key(seed), cfg)["blocks"][0]
+    kx, ki = jax.random.split(jax.random.key(seed + 1))
+    x = jax.random.normal(kx, (B, L, D)).astype(dtype)
+    return x, weights, jax.random.normal(ki, (B, L, D)).astype(dtype)
+
+
+def assert_errors(actual, expected, dtype, what):
+    max_tol, mean_tol = TOL[dtype]
+    err = np.abs(np.asarray(actual, np.float32) - np.asarray(expected, np.float32))
+    assert err.max() <= max_tol and err.mean() <= mean_tol, (
+        f"{what}: max abs err {err.max():.3g} (tol {max_tol}), mean {err.mean():.3g} "
+        f"(tol {mean_tol})"
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "B,L,D,injection",
+    [(3, 97, 512, True), (4, 13, 32, True), (5, 13, 32, False), (7, 24, 128, True)],
+    ids=["sudoku", "tiny", "odd-batch-no-injection", "aligned-L"],
+)
+def test_forward_matches_the_reference(B, L, D, injection, dtype):
+    x, w, inj = block_inputs(B, L, D, dtype)
+    inj = inj if injection else None
+    out = kernels.mixer_step(x, w, inj, interpret=True)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert_errors(out, kernels.mixer_step_ref(x, w, inj), dtype, f"B={B} L={L} D={D}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("B,L,D", [(2, 97, 512), (3, 13, 32)], ids=["sudoku", "tiny"])
+def test_gradients_match_the_reference(B, L, D, dtype):
+    x, w, inj = block_inputs(B, L, D, dtype)
+    ct = jax.random.normal(jax.random.key(9), x.shape).astype(dtype)
+
+    def loss(f):
+        return lambda x, w, i: jnp.vdot(f(x, w, i).astype(jnp.float32), ct.astype(jnp.float32))
+
+    fused = loss(lambda x, w, i: kernels.mixer_step(x, w, i, interpret=True))
+    value, grads = jax.value_and_grad(fused, argnums=(0, 1, 2))(x, w, inj)
+    ref_value, ref_grads = jax.value_and_grad(loss(kernels.mixer_step_ref), argnums=(0, 1, 2))(
+        x, w, inj
+    )
+    assert_close(value, ref_value, 0, 1e-4 if dtype == jnp.float32 else 2e-2, what="value")
+    for (path, g), r in zip(
+        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads), strict=True
+    ):
+        assert g.dtype == r.dtype, jax.tree_util.keystr(path)
+        scale = float(jnp.abs(r.astype(jnp.float32)).max())  # weight grads sum over B*L*D
+        assert_errors(g / scale, r / scale, dtype, f"grad {jax.tree_util.keystr(path)}")
+
+
+def test_explicit_block_sizes_and_their_validation():
+    x, w, inj = block_inputs(4, 13, 256, jnp.float32)
+    ref = kernels.mixer_step_ref(x, w, inj)
+    for bs in [kernels.BlockSizes(1, 128, 128), kernels.BlockSizes(2, 256, 256)]:
+        out = kernels.mixer_step(x, w, inj, block_sizes=bs, interpret=True)
+        assert_errors(out, ref, jnp.float32, str(bs))
+    with pytest.raises(ValueError, match="block_b=3 does not divide the batch B=4"):
+        kernels.mixer_step(x, w, block_sizes=kernels.BlockSizes(3, 128, 128), interpret=True)
+    with pytest.raises(ValueError, match="block_f=64 must be a multiple of 128 or 768"):
+        kernels.mixer_step(x, w, block_sizes=kernels.BlockSizes(1, 128, 64), interpret=True)
+    with pytest.raises(ValueError, match="block_d=100 does not divide 256"):
+        kernels.mixer_step(x, w, block_sizes=kernels.BlockSizes(1, 100, 128), interpret=True)
+    with pytest.raises(ValueError, match="BlockSizes must be positive"):
+        kernels.BlockSizes(0, 128, 128)
+    with pytest.raises(ValueError, match=r"do not fit x \(4, 12, 256\)"):
+        kernels.mixer_step(x[:, :12], w, interpret=True)
+    with pytest.raises(ValueError, match="injection"):
+        kernels.mixer_step(x, w, inj[:2], interpret=True)
+
+
+def test_default_block_sizes_fit_in_vmem():
+    """Sudoku-MLP on v4 (16 MiB): bf16 takes 3 rows a step; in f32 the resident weights
+    (10 MiB) leave room for 1; a block too large for VMEM is refused with the numbers."""
+    for dtype, block_b, budget in [(jnp.bfloat16, 3, kernels.VMEM_BUDGET), (jnp.float32, 1, 1)]:
+        bs = kernels.default_block_sizes(96, 97, 512, 512, 1536, dtype)
+        assert bs == kernels.BlockSizes(block_b, 256, 512), bs
+        assert kernels.vmem_bytes(bs, 96, 97, 512, 512, 1536, dtype) <= budget * kernels.V4_VMEM
+    with pytest.raises(ValueError, match=r"needs ~\d+\.\d MiB of VMEM at B=8 L=97 D=1024"):
+        kernels.default_block_sizes(8, 97, 1024, 512, 2816, jnp.float32)
+    assert kernels.padded_len(97, jnp.float32) == 104
+    assert kernels.padded_len(97, jnp.bfloat16) == 112
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_lowers_for_tpu_at_the_sudoku_shape(dtype):
+    """Mosaic lowering on CPU (no TPU here): a change that breaks the TPU kernel fails CI."""
+    x = jax.ShapeDtypeStruct((96, SUDOKU["L"], SUDOKU["D"]), dtype)
+    _, w, _ = block_inputs(1, **SUDOKU, dtype=dtype)
+
+    def train_like(x, w, i):  # forward and backward, as in the gradient cycle
+        return jax.value_and_grad(lambda x: kernels.mixer_step(x, w, i).sum())(x)
+
+    for f in (kernels.mixer_step, train_like):
+        text = jax.jit(f).trace(x, w, x).lower(lowering_platforms=("tpu",)).as_text()
+        assert text.count("tpu_custom_call") == 1, text[:2000]
+
+
+def test_the_model_lowers_for_tpu_with_the_kernel():
+    """The whole training loss and its gradient, Sudoku-MLP config, kernel on: 14 fused
+    blocks per cycle, T=3 cycles (2 without gradient)."""
+    cfg = model.Config(kernel="pallas")
+    params = jax.eval_shape(lambda key: model.init_params(key, cfg), jax.random.key(0))
+    batch = jax.eval_shape(lambda: batch_of(jax.random.key(0), B=8))
+    carry = jax.eval_shape(lambda b: model.initial_carry(cfg, b), batch)
+
+    grad = jax.grad(train_loss(cfg), has_aux=True)
+    lowered = jax.jit(grad).trace(params, carry, batch).lower(lowering_platforms=("tpu",))
+    assert "tpu_custom_call" in lowered.as_text()
+
+
+def train_loss(cfg):
+    def loss(params, carry, batch):
+        return model.loss_fn(params, cfg, carry, batch, train=True, global_batch_size=8)
+
+    return loss
+
+
+def test_no_residuals_from_the_no_grad_cycles():
+    """What autodiff saves for the backward does not grow with T (the T-1 no-gradient cycles
+    keep nothing), and a fused block saves only its inputs: far less than the XLA path."""
+
+    def residuals(T, **kernel):
+        cfg = tiny(T=T, **kernel)
+        params = model.init_params(jax.random.key(0), cfg)
+        batch = batch_of(jax.random.key(1))
+        carry = model.initial_carry(cfg, batch)
+        _, vjp = jax.vjp(lambda p: train_loss(cfg)(p, carry, batch)[0], params)
+        return sum(x.size for x in jax.tree.leaves(vjp))  # what the backward will read
+
+    fused = [residuals(T, kernel="pallas", interpret=True) for T in (1, 3)]
+    xla = [residuals(T) for T in (1, 3)]
+    assert fused[0] == fused[1] and xla[0] == xla[1], (fused, xla)
+    assert fused[0] < xla[0] / 4, (fused, xla)
+
+
+def test_training_with_the_kernel_equals_xla_data_parallel():
+    """Inside shard_map on 4 devices, the fused kernel (interpreted) trains like the XLA path."""
+    batches = [batch_of(jax.random.key(i), B=8) for i in range(2)]
+    xla = run_steps(tiny(), 1, batches)
+    fused = run_steps(tiny(kernel="pallas", interpret=True), 4, batches)
+    assert_close(fused[0], xla[0], 1e-5, 1e-5, what="losses")
+    assert_close(fused[1], xla[1], 1e-5, 1e-4, what="grad norms")
+    assert_close(fused[2]["params"]["lm_head"], xla[2]["params"]["lm_head"], 1e-5, 1e-4)
+
+
+def test_train_py_loss_curve_with_the_kernel_equals_xla(tmp_path):
+    def losses(kernel):
+        cmd = [
+            sys.executable,
+            "train.py",
+            "--builtin_train=40",
+            "--builtin_test=8",
+            "--builtin_aug=2",
+            f"--builtin_dir={tmp_path}",
+            f"--workdir={tmp_path / kernel}",
+            "--hidden_size=32",
+            "--H_cycles=2",
+            "--L_cycles=2",
+            "--halt_max_steps=2",
+            "--puzzle_emb_len=1",
+            "--global_batch_size=8",
+            "--forward_dtype=float32",
+            "--lr=3e-3",
+            "--lr_warmup_steps=2",
+            "--epochs=1",
+            "--eval_interval=1",
+            "--log_every=1",
+            f"--kernel={kernel}",
+            *(["--interpret"] if kernel == "pallas" else []),
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert f"kernel='{kernel}'" in out.stdout
+        logs = [json.loads(line) for line in (tmp_path / kernel / "metrics.jsonl").open()]
+        return [m["train/loss"] for m in logs if "train/loss" in m]
+
+    xla, fused = losses("xla"), losses("pallas")
+    assert len(xla) == 5  # 40 examples an epoch, batch 8
+    assert_close(fused, xla, 1e-5, 1e-5, what="train/loss per step")
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--kernel=pallas"], "--kernel=pallas is a TPU .Mosaic. kernel and this is cpu"),
+        (["--kernel=pallas", "--nomlp_t", "--interpret"], "it needs --mlp_t"),
+    ],
+)
+def test_kernel_flag_mistakes(tmp_path, args, message):
+    cmd = [sys.executable, "train.py", f"--builtin_dir={tmp_path}", "--builtin_train=4"]
+    cmd += ["--builtin_test=4", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert re.search(message, out.stderr), out.stderr[-2000:]
