@@ -12,6 +12,7 @@ Flag names are the reference's hyperparameter names (pretrain.py, config/arch/tr
 Sudoku-Extreme MLP run. Without --data_paths, built-in puzzles are generated (data.py).
 """
 
+import atexit
 import functools
 import hashlib
 import json
@@ -563,13 +564,15 @@ def main(argv):
     signal.signal(signal.SIGINT, on_signal)
 
     # --- loop
+    batch = to_global(batch)
     t_start = t_last = time.time()
     since_log, interval, saved = 0, None, step
     while step < num_steps:
-        state, metrics = train_step(state, to_global(batch))
+        state, metrics = train_step(state, batch)
         step, since_log = step + 1, since_log + 1
         next_cursor = cursor  # the checkpoint of this step resumes from here
-        batch, cursor = sample(cursor)  # the next batch is prepared while the step runs
+        batch, cursor = sample(cursor)  # the next batch is sampled while the step runs,
+        batch = to_global(batch)  # and sent to the devices ahead of the next step
         interval = metrics if interval is None else jax.tree.map(jnp.add, interval, metrics)
         log_step = step % _LOG_EVERY.value == 0 or step == num_steps
         if log_step:
@@ -675,6 +678,7 @@ def open_workdir(workdir, resume_step=0):
     old = ckpt.read_text(store, "metrics.jsonl").splitlines(keepends=True)
     lines = [line for line in old if json.loads(line)["step"] <= resume_step]
     events = tempfile.mkdtemp(prefix="trmx-events-")  # copied into the store at every log
+    atexit.register(shutil.rmtree, events, ignore_errors=True)  # also when the run fails
     from tensorboardX import SummaryWriter  # noqa: PLC0415 (only when writing)
 
     # purge_step: TensorBoard drops what an interrupted run logged after the checkpoint

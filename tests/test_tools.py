@@ -1,10 +1,17 @@
-"""run_all.sh (dry runs) and bench.py (a one-step smoke run)."""
+"""run_all.sh (dry runs) and bench.py (its figures and its FLOP count)."""
 
 import json
 import os
 import pathlib
 import subprocess
 import sys
+
+import jax
+import pytest
+
+import bench
+import model
+from test_model import batch_of, tiny
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -57,7 +64,7 @@ def test_run_all_rejects_bad_arguments():
     assert out.returncode == 2 and "--runs=gs://" in out.stderr
 
 
-def test_bench_reports_a_step_time():
+def test_bench_json_reports_every_figure():
     out = run(
         [
             sys.executable,
@@ -69,11 +76,50 @@ def test_bench_reports_a_step_time():
             "--halt_max_steps=2",
             "--global_batch_size=4",
             "--steps=1",
+            "--peak_n=256",
             "--forward_dtype=float32",
             "--json",
         ],
         JAX_PLATFORMS="cpu",
     )
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "MFU" in out.stdout and "examples/s" in out.stdout
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["train_step_s"] > 0 and result["global_batch_size"] == 4
+    keys = ["train_examples_per_s", "eval_examples_per_s", "model_flops_per_example"]
+    keys += ["achieved_flops_per_s", "peak_flops_per_s", "mfu", "peak_memory_bytes", "compile_s"]
+    assert all(result[k] > 0 for k in keys), result
+    assert result["global_batch_size"] == 4 and result["config"]["D"] == "16"
+    expected = result["model_flops_per_example"] * 4 / result["train_step_s"]
+    assert abs(result["achieved_flops_per_s"] / expected - 1) < 1e-9
+    assert abs(result["mfu"] - expected / result["peak_flops_per_s"]) < 1e-9
+    assert result["data_batches_per_s"] > 1 / result["train_step_s"]
+
+
+def test_bench_kernel_on_cpu_is_a_clear_error():
+    out = run([sys.executable, "bench.py", "--kernel=pallas"], JAX_PLATFORMS="cpu")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "bench.py: --kernel=pallas is a TPU (Mosaic) kernel" in out.stderr
+
+
+@pytest.mark.parametrize("mlp_t", [True, False], ids=["mlp", "attention"])
+@pytest.mark.parametrize("T", [1, 2])
+def test_model_flops_match_xla_cost_analysis(T, mlp_t):
+    """XLA counts a while loop's body once, so loops run at most once here (T <= 2, n = 1):
+    then its count of the train step's FLOPs (matmuls plus elementwise ops) is the formula's
+    (matmuls only) plus a few percent."""
+    cfg = tiny(T=T, n=1, D=64, heads=4, puzzle_emb_ndim=64, mlp_t=mlp_t)
+    params = model.init_params(jax.random.key(0), cfg)
+    batch = batch_of(jax.random.key(1), B=4)
+    carry = model.initial_carry(cfg, batch)
+
+    def loss(params):
+        return model.loss_fn(params, cfg, carry, batch, train=True, global_batch_size=4)[0]
+
+    xla = jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()["flops"]
+    ours = 4 * bench.model_flops_per_example(cfg)
+    assert 1.0 <= xla / ours < 1.04, (xla, ours)
+
+
+def test_model_flops_of_the_paper_config():
+    """The issue's figure: 42.7 GFLOP per example and train step for Sudoku-MLP."""
+    assert round(bench.model_flops_per_example(model.Config()) / 1e9, 1) == 42.7
