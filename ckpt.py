@@ -154,6 +154,12 @@ def latest(directory: str):
     """(step, commit) of the newest complete, intact checkpoint under `directory`, or None.
     Interrupted saves and checkpoints whose data no longer match their sha256 are skipped,
     each with a warning naming it."""
+    return next(intact(directory), None)
+
+
+def intact(directory: str):
+    """(step, commit) of each complete, intact checkpoint under `directory`, newest first
+    (checked lazily, one at a time), skipping broken ones with a warning as `latest`."""
     base = _url(directory)
     steps, complete = _steps(ts.KvStore.open(base, context=CONTEXT).result())
     for step in sorted(steps, reverse=True):
@@ -163,9 +169,9 @@ def latest(directory: str):
             continue
         problem = _verify(f"{name}/", complete[step])
         if problem is None:
-            return step, complete[step]
-        logging.warning("Skipping %s: %s", name, problem)
-    return None
+            yield step, complete[step]
+        else:
+            logging.warning("Skipping %s: %s", name, problem)
 
 
 def restore(directory: str, step: int, target):

@@ -354,6 +354,36 @@ def _merge(ds, part, meta, path):
     }
 
 
+def subset(ds, puzzles=None, aug=None):
+    """The first `puzzles` groups (original puzzles) of a split, each with its first `aug`
+    augmented variants; None keeps all. The data-size and augmentation-count ablations take
+    nested subsets of one built dataset: 1K of a 10K build are the 1K of the 5K."""
+    gi, pi = np.asarray(ds["group_indices"]), np.asarray(ds["puzzle_indices"])
+    groups = len(gi) - 1
+    if puzzles is not None and not 1 <= puzzles <= groups:
+        raise ValueError(f"--train_puzzles={puzzles}: this dataset has {groups} puzzles")
+    if aug is not None and aug < 0:
+        raise ValueError(f"--train_aug={aug}: a count of augmented variants, >= 0")
+    keep_groups = range(groups if puzzles is None else puzzles)
+    kept = [  # puzzles (rows of puzzle_indices) kept, group by group
+        np.arange(gi[g], gi[g + 1] if aug is None else min(gi[g + 1], gi[g] + 1 + aug))
+        for g in keep_groups
+    ]
+    p_idx = np.concatenate(kept)
+    sizes = pi[p_idx + 1] - pi[p_idx]
+    examples = np.concatenate([np.arange(pi[p], pi[p + 1]) for p in p_idx])
+    meta = dict(ds["meta"], total_groups=len(kept))
+    meta["mean_puzzle_examples"] = len(examples) / len(p_idx)
+    return {
+        "inputs": ds["inputs"][examples],
+        "labels": ds["labels"][examples],
+        "puzzle_identifiers": np.asarray(ds["puzzle_identifiers"])[p_idx],
+        "puzzle_indices": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32),
+        "group_indices": np.concatenate([[0], np.cumsum([len(k) for k in kept])]).astype(np.int32),
+        "meta": meta,
+    }
+
+
 def _collate(ds, example_idx, puzzle_idx, size, rows):
     """The `rows` (a slice: this process's share) of an int32 batch of `size` rows; rows past
     the given examples are padding: PAD inputs, ignored labels, the blank puzzle id."""

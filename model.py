@@ -88,6 +88,7 @@ class Config:
     loss_type: str = "stablemax"  # stablemax (the reference's) | softmax
     kernel: str = "xla"  # MLP-mixer block: xla (jnp) | pallas (kernels.mixer_step, fused)
     interpret: bool = False  # run the Pallas kernel in the interpreter (CPU tests)
+    halt_step_penalty: float = 0.0  # lambda: cost of one more supervision step (Q-continue)
 
     def __post_init__(self):
         checks = [
@@ -100,6 +101,11 @@ class Config:
             (self.mlp_t or self.D % self.heads == 0, "D % heads"),
             (self.puzzle_emb_ndim <= self.P * self.D, "puzzle_emb_ndim > P * D"),
             (0.0 <= self.halt_exploration_prob <= 1.0, "halt_exploration_prob"),
+            (0.0 <= self.halt_step_penalty < 1.0, "halt_step_penalty in [0, 1)"),
+            (
+                self.halt_step_penalty == 0 or not self.no_ACT_continue,
+                "halt_step_penalty prices continuing: it needs no_ACT_continue=False",
+            ),
         ]
         for ok, what in checks:
             if not ok:
@@ -334,15 +340,17 @@ def refill(params, cfg: Config, carry, batch):
     }
 
 
-def exploration_min_steps(key, cfg: Config, batch_size):
-    """Per row, the fewest steps it must run before it may halt: with probability
-    halt_exploration_prob a uniform draw from [2, N_sup], otherwise 0 (no constraint).
+def exploration_min_steps(key, cfg: Config, batch_size, prob=None):
+    """Per row, the fewest steps it must run before it may halt: with probability `prob`
+    (default halt_exploration_prob; may be traced, e.g. annealed) a uniform draw from
+    [2, N_sup], otherwise 0 (no constraint).
 
     Drawn for the global batch outside the model, so training is the same whatever the
     number of devices the batch is split over.
     """
+    prob = cfg.halt_exploration_prob if prob is None else prob
     k_explore, k_steps = jax.random.split(key)
-    explore = jax.random.uniform(k_explore, (batch_size,)) < cfg.halt_exploration_prob
+    explore = jax.random.uniform(k_explore, (batch_size,)) < prob
     return jnp.where(explore, jax.random.randint(k_steps, (batch_size,), 2, cfg.N_sup + 1), 0)
 
 
@@ -367,7 +375,10 @@ def act_step(params, cfg: Config, carry, batch, train=False, min_steps=None):
                 jax.lax.stop_gradient(params), cfg, y, z, carry["data"]
             )
             next_q = jnp.where(is_last, next_halt, jnp.maximum(next_halt, next_continue))
-            outputs["q_continue_target"] = jax.nn.sigmoid(next_q)
+            # Compute-aware halting: one more step costs halt_step_penalty (lambda) of value,
+            # so continuing must promise that much more chance of being right than halting.
+            target = jax.nn.sigmoid(next_q) - cfg.halt_step_penalty
+            outputs["q_continue_target"] = jnp.maximum(target, 0.0)
     carry = {"y": y, "z": z, "steps": steps, "halted": halted, "data": carry["data"]}
     return carry, outputs
 

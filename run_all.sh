@@ -1,66 +1,163 @@
 #!/bin/bash
-# trmx experiment launcher: each experiment is configs/NAME.flags, run as
-#   python train.py --flagfile=configs/NAME.flags --workdir=RUNS/NAME [extra flags]
+# trmx research roadmap: every experiment of the plan, phase by phase.
 #
-# Here, on this machine's devices (runs/ by default):
-#   ./run_all.sh sudoku_cpu
-#   ./run_all.sh --dry_run sudoku_mlp sudoku_att          # print the commands only
+#   ./run_all.sh phase2                    # E2.x at paper scale into runs/ (all: every phase)
+#   ./run_all.sh e2_2_t_n_grid             # one experiment (configs/NAME.flags), all its points
+#   ./run_all.sh --dry_run all             # print the commands only
+#   ./run_all.sh --mini phase2             # the CPU mini-study (configs/mini.flags), runs/mini
+#   ./run_all.sh --smoke all               # every experiment, 5 steps at a tiny size (CI)
+#   ./run_all.sh sudoku_cpu                # any other flagfile runs as it is
+#
+# An experiment is configs/NAME.flags holding only its overrides of the baseline E1.1
+# (configs/sudoku_mlp.flags); one run of it is
+#   python train.py --flagfile=configs/sudoku_mlp.flags --flagfile=configs/NAME.flags
+#       [sweep point] --workdir=RUNS/NAME[/POINT]
+# Lines in the flagfile that run_all.sh reads (train.py sees them as comments):
+#   # sweep: --a=1,2 --b=x,y    the runs are the cartesian product, one directory each (a-1_b-x)
+#   # mini: ...                 the same for the mini-study; no such line: not in the mini-study
+#   # then: --eval_only ...     a second command after each finished run, with these flags added
+# --mini puts configs/mini.flags in place of the baseline, --smoke configs/smoke.flags (then
+# forces built-in data and 5 steps, and runs only the first point of each sweep).
+# A run directory with done.json (written by train.py at the end) is skipped; an interrupted
+# one resumes from its newest checkpoint: rerunning the same command finishes the roadmap.
+#
 # On every worker of a Cloud TPU VM slice (one process per host, jax.distributed):
 #   ./run_all.sh --tpu=trmx-v4-32 --zone=us-central2-b --runs=gs://BUCKET/runs \
-#       --data=gs://BUCKET/data sudoku_mlp
+#       --data=gs://BUCKET/data phase1
 #   This copies the checked-in code to ~/trmx on every worker, installs requirements.txt with
-#   jax[tpu], copies --data to ~/trmx/data, then starts the run on all workers at once with
-#   --distributed. Logs (flags.txt, metrics.jsonl, TensorBoard events) go to RUNS/NAME.
-# Flags after `--` go to train.py, e.g. `./run_all.sh sudoku_cpu -- --max_steps=100`.
+#   jax[tpu], copies --data to ~/trmx/data, then starts each run on all workers at once with
+#   --distributed (train.py itself skips a finished run there). Logs (flags.txt,
+#   metrics.jsonl, TensorBoard events) go to RUNS/NAME.
+# Flags after `--` go to every train.py, e.g. `./run_all.sh sudoku_cpu -- --max_steps=100`.
 # Long runs: start it inside `screen` or `tmux`; progress is in RUNS/NAME/metrics.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-dry_run=0 tpu="" zone="" project="" runs="runs" data="" experiments=() extra=()
+phase1=(sudoku_mlp e1_3_batch)
+phase2=(e2_1_ema_off e2_2_t_n_grid e2_3_attention e2_4_n_sup)
+phase3=(e3_1_model_size e3_2_data_size e3_3_augmentation e3_4_lr_vs_batch)
+phase4=(e4_1_curriculum e4_2_halting e4_3_precision e4_4_checkpoint_avg)
+roadmap=" ${phase1[*]} ${phase2[*]} ${phase3[*]} ${phase4[*]} "
+
+die() { echo "run_all.sh: $*" >&2; exit 2; }
+
+dry_run=0 mode=paper tpu="" zone="" project="" runs="" data="" targets=() extra=()
 while (($#)); do
   case "$1" in
     --dry_run) dry_run=1 ;;
+    --mini) mode=mini ;;
+    --smoke) mode=smoke ;;
     --tpu=*) tpu="${1#*=}" ;;
     --zone=*) zone="${1#*=}" ;;
     --project=*) project="${1#*=}" ;;
     --runs=*) runs="${1#*=}" ;;
     --data=*) data="${1#*=}" ;;
     --) shift; extra=("$@"); break ;;
-    -*) echo "run_all.sh: unknown option $1 (see the header of $0)" >&2; exit 2 ;;
-    *) experiments+=("$1") ;;
+    -*) die "unknown option $1 (see the header of $0)" ;;
+    *) targets+=("$1") ;;
   esac
   shift
 done
-((${#experiments[@]})) || { echo "run_all.sh: name at least one experiment (configs/*.flags)" >&2; exit 2; }
-for e in "${experiments[@]}"; do
-  [[ -f "configs/$e.flags" ]] || { echo "run_all.sh: no configs/$e.flags" >&2; exit 2; }
+((${#targets[@]})) || die "name a phase (phase1..phase4, all) or an experiment (configs/*.flags)"
+[[ -n "$runs" ]] || runs=$([[ $mode == paper ]] && echo runs || echo "runs/$mode")
+experiments=()
+for t in "${targets[@]}"; do
+  case "$t" in
+    phase[1-4]) n="phase${t#phase}[@]"; experiments+=("${!n}") ;;
+    all) experiments+=("${phase1[@]}" "${phase2[@]}" "${phase3[@]}" "${phase4[@]}") ;;
+    *) [[ -f "configs/$t.flags" ]] || die "no configs/$t.flags (nor a phase: phase1..phase4, all)"
+       experiments+=("$t") ;;
+  esac
 done
+if [[ -n "$tpu" ]]; then
+  [[ $mode == paper ]] || die "--$mode runs here, not with --tpu"
+  [[ -n "$zone" ]] || die "--tpu needs --zone"
+  [[ "$runs" == gs://* ]] || die "--tpu needs --runs=gs://BUCKET/..."
+fi
 
 run() {  # print (quoted, copy-pasteable), then run unless --dry_run
   printf '+'; printf ' %q' "$@"; printf '\n'
   ((dry_run)) || "$@"
 }
 
-if [[ -z "$tpu" ]]; then
-  for e in "${experiments[@]}"; do
-    run python train.py --flagfile="configs/$e.flags" --workdir="$runs/$e" "${extra[@]}"
-  done
-  exit 0
+directive() {  # the text after "# KEY:" in flagfile $1, or nothing; status 1 if no such line
+  local line
+  line=$(grep -m1 "^# $2:" "$1") || return 1
+  line=${line#*:}
+  echo "${line# }"
+}
+
+points() {  # one line per point of the cartesian product of "--a=1,2 --b=x,y"
+  if (($# == 0)); then echo; return; fi
+  local first=$1 tail v
+  shift
+  local -a values
+  IFS=, read -ra values <<< "${first#*=}"
+  while IFS= read -r tail; do
+    for v in "${values[@]}"; do echo "${first%%=*}=$v${tail:+ $tail}"; done
+  done < <(points "$@")
+}
+
+point_dir() {  # "--a=1 --b=x" -> "a-1_b-x"
+  local name="" f
+  for f in "$@"; do f=${f#--}; name+="${name:+_}${f%%=*}-${f#*=}"; done
+  echo "$name"
+}
+
+if [[ -n "$tpu" ]]; then
+  gcloud_tpu=(gcloud compute tpus tpu-vm)
+  where=(--zone="$zone" ${project:+--project="$project"} --worker=all)
+  archive=$(mktemp -d)/trmx.tgz
+  run tar czf "$archive" $(git ls-files)
+  run "${gcloud_tpu[@]}" scp "$archive" "$tpu:trmx.tgz" "${where[@]}"
+  setup="mkdir -p ~/trmx && tar xzf ~/trmx.tgz -C ~/trmx && cd ~/trmx"
+  setup+=" && pip install -q -r requirements.txt 'jax[tpu]==0.10.2'"
+  [[ -z "$data" ]] || setup+=" && gcloud storage rsync -r '$data' data"
+  run "${gcloud_tpu[@]}" ssh "$tpu" "${where[@]}" --command="$setup"
 fi
 
-[[ -n "$zone" ]] || { echo "run_all.sh: --tpu needs --zone" >&2; exit 2; }
-[[ "$runs" == gs://* ]] || { echo "run_all.sh: --tpu needs --runs=gs://BUCKET/..." >&2; exit 2; }
-gcloud_tpu=(gcloud compute tpus tpu-vm)
-where=(--zone="$zone" ${project:+--project="$project"} --worker=all)
-archive=$(mktemp -d)/trmx.tgz
-run tar czf "$archive" $(git ls-files)
-run "${gcloud_tpu[@]}" scp "$archive" "$tpu:trmx.tgz" "${where[@]}"
-setup="mkdir -p ~/trmx && tar xzf ~/trmx.tgz -C ~/trmx && cd ~/trmx"
-setup+=" && pip install -q -r requirements.txt 'jax[tpu]==0.10.2'"
-[[ -z "$data" ]] || setup+=" && gcloud storage rsync -r '$data' data"
-run "${gcloud_tpu[@]}" ssh "$tpu" "${where[@]}" --command="$setup"
+train() {  # one train.py command, here or on every TPU worker
+  if [[ -z "$tpu" ]]; then
+    run python train.py "$@"
+  else
+    local cmd="cd ~/trmx && python3 train.py" x
+    for x in "$@" --distributed; do cmd+=" $(printf '%q' "$x")"; done
+    run "${gcloud_tpu[@]}" ssh "$tpu" "${where[@]}" --command="$cmd"
+  fi
+}
+
 for e in "${experiments[@]}"; do
-  cmd="cd ~/trmx && python3 train.py --flagfile=configs/$e.flags --workdir=$runs/$e --distributed"
-  for x in "${extra[@]}"; do cmd+=" $(printf '%q' "$x")"; done
-  run "${gcloud_tpu[@]}" ssh "$tpu" "${where[@]}" --command="$cmd"
+  file="configs/$e.flags"
+  if [[ "$roadmap" == *" $e "* ]]; then  # overrides of a base: E1.1's, or mini's, or smoke's
+    base=configs/sudoku_mlp.flags
+    [[ $mode == paper ]] || base="configs/$mode.flags"
+    files=(--flagfile="$base")
+    [[ $e == sudoku_mlp ]] || files+=(--flagfile="$file")
+  elif [[ $mode == mini ]]; then
+    echo "skip $e: not a roadmap experiment (the mini-study shrinks those)"; continue
+  else
+    files=(--flagfile="$file")
+  fi
+  spec=$(directive "$file" sweep) || spec=""
+  if [[ $mode == mini ]]; then
+    spec=$(directive "$file" mini) || { echo "skip $e: no '# mini:' line in $file"; continue; }
+  fi
+  then_flags=$(directive "$file" then) || then_flags=""
+  late=()  # smoke: built-in data, a few steps, whatever the experiment says
+  [[ $mode != smoke ]] || late=(--data_paths= --max_steps=5 --ckpt_every=1 --eval_max_examples=8)
+  while IFS= read -r point; do
+    read -ra p <<< "$point"
+    dir="$runs/$e"
+    ((${#p[@]} == 0)) || dir+="/$(point_dir "${p[@]}")"
+    if [[ -z "$tpu" && -f "$dir/done.json" ]]; then
+      echo "skip $dir: done (done.json)"; continue
+    fi
+    args=("${files[@]}" "${p[@]}" --workdir="$dir" "${late[@]}" "${extra[@]}")
+    train "${args[@]}"
+    if [[ -n "$then_flags" ]]; then
+      read -ra t <<< "$then_flags"
+      train "${args[@]}" "${t[@]}"
+    fi
+    [[ $mode != smoke ]] || break  # the first point of each sweep
+  done < <(read -ra s <<< "$spec"; points "${s[@]}")
 done

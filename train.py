@@ -13,8 +13,10 @@ Sudoku-Extreme MLP run. Without --data_paths, built-in puzzles are generated (da
 """
 
 import atexit
+import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -46,6 +48,12 @@ _BUILTIN_TEST = flags.DEFINE_integer("builtin_test", 1000, "built-in data: held-
 _BUILTIN_BLANKS = flags.DEFINE_list("builtin_blanks", ["40", "50"], "built-in: min,max blanks")
 _BUILTIN_AUG = flags.DEFINE_integer("builtin_aug", 100, "built-in: augmentations per puzzle")
 _BUILTIN_DIR = flags.DEFINE_string("builtin_dir", "data", "where built-in datasets are cached")
+_TRAIN_PUZZLES = flags.DEFINE_integer(
+    "train_puzzles", None, "train on the first N puzzles of the training set (data-size ablation)"
+)
+_TRAIN_AUG = flags.DEFINE_integer(
+    "train_aug", None, "augmented variants used per training puzzle (augmentation ablation)"
+)
 # schedule
 _GLOBAL_BATCH_SIZE = flags.DEFINE_integer("global_batch_size", 768, "rows per step, all devices")
 _LR_SCALING = flags.DEFINE_enum(
@@ -71,17 +79,46 @@ _PUZZLE_EMB_NDIM = flags.DEFINE_integer("puzzle_emb_ndim", None, "default: hidde
 _PUZZLE_EMB_LEN = flags.DEFINE_integer("puzzle_emb_len", 16, "prefix positions")
 _HALT_MAX_STEPS = flags.DEFINE_integer("halt_max_steps", 16, "N_sup: max supervision steps")
 _HALT_EXPLORATION_PROB = flags.DEFINE_float("halt_exploration_prob", 0.1, "")
+_EVAL_HALT_MAX_STEPS = flags.DEFINE_integer(
+    "eval_halt_max_steps", None, "N_sup at evaluation (default: halt_max_steps)"
+)
 _RMS_NORM_EPS = flags.DEFINE_float("rms_norm_eps", 1e-5, "")
 _ROPE_THETA = flags.DEFINE_float("rope_theta", 10000.0, "")
 _FORWARD_DTYPE = flags.DEFINE_enum("forward_dtype", "bfloat16", list(model.DTYPES), "")
 _NO_ACT_CONTINUE = flags.DEFINE_bool("no_ACT_continue", True, "False: add the Q-continue loss")
 _LOSS_TYPE = flags.DEFINE_enum("loss_type", "stablemax", ["stablemax", "softmax"], "")
+# novel: curriculum recursion, compute-aware halting, checkpoint averaging
+_CURRICULUM_STEPS = flags.DEFINE_integer(
+    "curriculum_steps",
+    0,
+    "grow T and n from the start values to H_cycles, L_cycles over this many steps",
+)
+_CURRICULUM_START_H = flags.DEFINE_integer("curriculum_start_H_cycles", 1, "T at step 0")
+_CURRICULUM_START_L = flags.DEFINE_integer("curriculum_start_L_cycles", 2, "n at step 0")
+_CURRICULUM_STAGES = flags.DEFINE_integer(
+    "curriculum_stages", 3, "distinct (T, n) stages, the last the final one (one compile each)"
+)
+_HALT_STEP_PENALTY = flags.DEFINE_float(
+    "halt_step_penalty", 0.0, "lambda: value one more supervision step costs (needs Q-continue)"
+)
+_HALT_EXPLORATION_FINAL = flags.DEFINE_float(
+    "halt_exploration_final", None, "anneal halt_exploration_prob linearly to this value"
+)
+_HALT_EXPLORATION_ANNEAL_STEPS = flags.DEFINE_integer(
+    "halt_exploration_anneal_steps", None, "over this many steps (default: the whole run)"
+)
+_SWA_START = flags.DEFINE_integer(
+    "swa_start", None, "also evaluate the running mean of the weights from this step on"
+)
+_AVERAGE_CHECKPOINTS = flags.DEFINE_integer(
+    "average_checkpoints", None, "--eval_only: evaluate the mean of the newest K checkpoints"
+)
 _KERNEL = flags.DEFINE_enum(
     "kernel", "auto", ["auto", "pallas", "xla"], "MLP-mixer block; auto = pallas on TPU, else xla"
 )
 _INTERPRET = flags.DEFINE_bool("interpret", False, "run the Pallas kernel in its interpreter")
 # optimizer
-_OPTIMIZER = flags.DEFINE_enum("optimizer", "adam_atan2", ["adam_atan2", "adamw"], "")
+_OPTIMIZER = flags.DEFINE_enum("optimizer", "adam_atan2", ["adam_atan2", "adamw", "lion"], "")
 _LR = flags.DEFINE_float("lr", 1e-4, "peak learning rate")
 _LR_MIN_RATIO = flags.DEFINE_float("lr_min_ratio", 1.0, "cosine floor / peak; 1 = constant")
 _LR_WARMUP_STEPS = flags.DEFINE_integer("lr_warmup_steps", 2000, "linear warm-up from 0")
@@ -159,7 +196,34 @@ def model_config(meta) -> model.Config:
         loss_type=_LOSS_TYPE.value,
         kernel=kernel_choice(),
         interpret=_INTERPRET.value,
+        halt_step_penalty=_HALT_STEP_PENALTY.value,
     )
+
+
+def curriculum(cfg, step):
+    """The (T, n) of the model trained at `step` under curriculum recursion: a staircase of
+    --curriculum_stages stages from (--curriculum_start_H_cycles, --curriculum_start_L_cycles)
+    to the config's (T, n), stage k of S starting at step k * K / (S - 1) for K =
+    --curriculum_steps; the final stage from step K on. A staircase, not a ramp, so that the
+    train step compiles once per stage instead of once per step. Without a curriculum, (T, n).
+    """
+    K, S = _CURRICULUM_STEPS.value, _CURRICULUM_STAGES.value
+    if not K:
+        return cfg.T, cfg.n
+    k = min(S - 1, step * (S - 1) // K)
+    T0, n0 = _CURRICULUM_START_H.value, _CURRICULUM_START_L.value
+    return (round(T0 + (cfg.T - T0) * k / (S - 1)), round(n0 + (cfg.n - n0) * k / (S - 1)))
+
+
+def exploration_schedule(total_steps):
+    """step -> halt exploration probability: --halt_exploration_prob, annealed linearly to
+    --halt_exploration_final over --halt_exploration_anneal_steps (default: the whole run);
+    None when not annealed (the config's constant is used)."""
+    final = _HALT_EXPLORATION_FINAL.value
+    if final is None:
+        return None
+    start, steps = _HALT_EXPLORATION_PROB.value, _HALT_EXPLORATION_ANNEAL_STEPS.value or total_steps
+    return lambda step: start + (final - start) * jnp.minimum(step / max(1, steps), 1.0)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -241,7 +305,11 @@ def optimizer(total_steps):
     lr = sched(_LR.value * scale)
     if _OPTIMIZER.value == "adam_atan2":
         dense = adam_atan2(lr, _BETA1.value, _BETA2.value, _WEIGHT_DECAY.value)
-    else:  # optax counts from 0, the reference's schedule from 1
+    elif _OPTIMIZER.value == "lion":  # optax counts from 0, the reference's schedule from 1
+        dense = optax.lion(
+            lambda c: lr(c + 1), _BETA1.value, _BETA2.value, weight_decay=_WEIGHT_DECAY.value
+        )
+    else:
         dense = optax.adamw(
             lambda c: lr(c + 1),
             _BETA1.value,
@@ -259,7 +327,7 @@ def optimizer(total_steps):
 # ----------------------------------------------------------------------------- steps
 
 
-def init_state(cfg, tx, first_batch, mesh, seed, use_ema):
+def init_state(cfg, tx, first_batch, mesh, seed, use_ema, use_swa=False):
     """The whole train state, built on the devices by one jitted function (the same on every
     host): replicated over the mesh, except the carry, split by rows like the batch."""
 
@@ -273,6 +341,7 @@ def init_state(cfg, tx, first_batch, mesh, seed, use_ema):
             "buffers": buffers,
             "opt": tx.init(params),
             "ema": ema.init(weights) if use_ema else None,
+            "swa": ema.running_mean_init(weights) if use_swa else None,
             "rng": jax.random.key(seed + 1),
             "nan_step": jnp.full([], -1, jnp.int32),
             "carry": model.initial_carry(cfg, batch),
@@ -284,8 +353,14 @@ def init_state(cfg, tx, first_batch, mesh, seed, use_ema):
     return jax.jit(init, out_shardings=shardings)(first_batch)
 
 
-def make_steps(cfg, mesh, tx, global_batch_size, ema_rate=None):
-    """The jitted train step and eval step, data parallel over the mesh's 'data' axis."""
+def make_steps(
+    cfg, mesh, tx, global_batch_size, ema_rate=None, *, exploration=None, swa_start=None
+):
+    """The jitted train step and eval step, data parallel over the mesh's 'data' axis.
+
+    exploration: step -> halt exploration probability (annealing), or None for the config's.
+    swa_start: keep the running mean of the weights after every step past this one.
+    """
     rows, whole = P("data"), P()
 
     # Each device runs the model on its rows; losses and metric sums are added over devices.
@@ -306,7 +381,8 @@ def make_steps(cfg, mesh, tx, global_batch_size, ema_rate=None):
     @functools.partial(jax.jit, donate_argnums=0)
     def train_step(state, batch):
         key = jax.random.fold_in(state["rng"], state["step"])
-        min_steps = model.exploration_min_steps(key, cfg, global_batch_size)
+        prob = None if exploration is None else exploration(state["step"])
+        min_steps = model.exploration_min_steps(key, cfg, global_batch_size, prob)
 
         def loss_of(params):
             return loss_dp(params | state["buffers"], state["carry"], batch, min_steps)
@@ -328,6 +404,11 @@ def make_steps(cfg, mesh, tx, global_batch_size, ema_rate=None):
             "opt": opt,
             "carry": carry,
             "ema": None if ema_rate is None else ema.update(state["ema"], weights, ema_rate),
+            "swa": (
+                None
+                if swa_start is None
+                else ema.running_mean_update(state["swa"], weights, step > swa_start)
+            ),
             "nan_step": jnp.where(bad, step, state["nan_step"]),
         }
         metrics |= {
@@ -340,18 +421,33 @@ def make_steps(cfg, mesh, tx, global_batch_size, ema_rate=None):
 
     @functools.partial(jax.shard_map, mesh=mesh, in_specs=(whole, rows, rows), out_specs=whole)
     def eval_dp(params, carry, batch):
-        """N_sup steps on one batch: final-step metric sums and exact hits after each step."""
+        """N_sup steps on one batch: final-step metric sums, exact hits after each step, and
+        where the Q-head would halt each row (the first step it says halt, else N_sup) with
+        its exactness there: the adaptive-compute numbers."""
+        has_labels = (batch["labels"] != model.IGNORE_LABEL).any(-1)  # not a padding row
 
-        def one_step(carry, _):
+        def one_step(c, _):
+            carry, halt_at, exact_at = c
             _, (carry, metrics, out) = model.loss_fn(
                 params, cfg, carry, batch, train=False, global_batch_size=1
             )
-            has_labels = (carry["data"]["labels"] != model.IGNORE_LABEL).any(-1)
-            return carry, (metrics, jnp.sum(out["seq_correct"] & has_labels))
+            wants = out["q_halt"] > (0 if cfg.no_ACT_continue else out["q_continue"])
+            first = (halt_at == 0) & (wants | (carry["steps"] >= cfg.N_sup))
+            halt_at = jnp.where(first, carry["steps"], halt_at)
+            exact_at = jnp.where(first, out["seq_correct"], exact_at)
+            exact = jnp.sum(out["seq_correct"] & has_labels)
+            return (carry, halt_at, exact_at), (metrics, exact)
 
-        _, (metrics, exact_per_step) = jax.lax.scan(one_step, carry, length=cfg.N_sup)
+        start = (carry, jnp.zeros_like(carry["steps"]), jnp.zeros_like(carry["halted"]))
+        (_, halt_at, exact_at), (metrics, exact_per_step) = jax.lax.scan(
+            one_step, start, length=cfg.N_sup
+        )
         final = jax.tree.map(lambda m: m[-1], metrics)
-        return jax.lax.psum(final | {"exact_per_step": exact_per_step}, "data")
+        adaptive = {
+            "halted_exact_accuracy": jnp.sum(exact_at & has_labels),
+            "halted_steps": jnp.sum(jnp.where(has_labels, halt_at, 0)),
+        }
+        return jax.lax.psum(final | adaptive | {"exact_per_step": exact_per_step}, "data")
 
     @jax.jit
     def eval_step(params, batch):
@@ -468,9 +564,13 @@ def main(argv):
             multihost_utils.sync_global_devices("built-in data")
             paths = [builtin_data()]
         train_ds, test_ds = data.load(paths, "train"), data.load(paths, "test")
+        if _TRAIN_PUZZLES.value is not None or _TRAIN_AUG.value is not None:
+            train_ds = data.subset(train_ds, _TRAIN_PUZZLES.value, _TRAIN_AUG.value)
         cfg = model_config(train_ds["meta"])
+        eval_cfg = dataclasses.replace(cfg, N_sup=_EVAL_HALT_MAX_STEPS.value or cfg.N_sup)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from e
+    check_schedules(cfg)
     meta = train_ds["meta"]
     examples_per_epoch = meta["total_groups"] * meta["mean_puzzle_examples"]
     # As the reference: the LR schedule spans epochs * examples / B steps; the run is
@@ -491,8 +591,21 @@ def main(argv):
     # --- init: the same params on every host from the same seed
     tx, lr = optimizer(total_steps)
     batch, cursor = sample(0)
-    state = init_state(cfg, tx, to_global(batch), mesh, _SEED.value, _EMA.value)
-    train_step, eval_step = make_steps(cfg, mesh, tx, B, _EMA_RATE.value if _EMA.value else None)
+    swa_start = _SWA_START.value
+    state = init_state(
+        cfg, tx, to_global(batch), mesh, _SEED.value, _EMA.value, swa_start is not None
+    )
+    step_options = dict(
+        ema_rate=_EMA_RATE.value if _EMA.value else None,
+        exploration=exploration_schedule(total_steps),
+        swa_start=swa_start,
+    )
+
+    @functools.cache
+    def train_step_for(T, n):  # one compiled step per curriculum stage
+        return make_steps(dataclasses.replace(cfg, T=T, n=n), mesh, tx, B, **step_options)[0]
+
+    _, eval_step = make_steps(eval_cfg, mesh, tx, B)
 
     # --- restore. Where the run starts, first match wins:
     #   1. the newest complete checkpoint in --workdir/ckpt: a restarted or preempted run goes
@@ -523,29 +636,44 @@ def main(argv):
         + (f" | resumed from {ckpt_dir}/step_{step:08d}" if step else "")
     )
 
-    def eval_params():  # the EMA weights (if on), the current puzzle table, the buffers
-        weights = state["ema"] if _EMA.value else state["params"]
+    def eval_params(weights=None):  # EMA (if on) or given weights + puzzle table + buffers
+        if weights is None:
+            weights = state["ema"] if _EMA.value else state["params"]
         puzzle = {k: v for k, v in state["params"].items() if k == "puzzle_emb"}
         return weights | puzzle | state["buffers"]
 
-    def run_eval():
+    def run_eval(weights=None, prefix="eval"):
         t0 = time.time()
         batches = data.eval_batches(test_ds, B_eval, _EVAL_MAX_EXAMPLES.value, eval_rows)
-        log = evaluate(eval_step, eval_params(), batches, to_global)
+        log = evaluate(eval_step, eval_params(weights), batches, to_global)
+        log = {k.replace("eval/", f"{prefix}/", 1): v for k, v in log.items()}
         say(
-            f"eval @ {step}: exact {log['eval/exact_accuracy']:.4f} | token "
-            f"{log['eval/accuracy']:.4f} | q-halt acc {log['eval/q_halt_accuracy']:.3f} | "
-            f"{log['eval/count']} examples in {time.time() - t0:.0f} s"
+            f"{prefix} @ {step}: exact {log[f'{prefix}/exact_accuracy']:.4f} | token "
+            f"{log[f'{prefix}/accuracy']:.4f} | q-halt acc {log[f'{prefix}/q_halt_accuracy']:.3f}"
+            f" | halting by q: exact {log[f'{prefix}/halted_exact_accuracy']:.4f} at "
+            f"{log[f'{prefix}/halted_steps']:.2f} steps | {log[f'{prefix}/count']} examples in "
+            f"{time.time() - t0:.0f} s"
         )
         write(step, log)
+        return log
+
+    def run_evals():  # the EMA (or raw) weights, and the running mean of them if kept
+        log = run_eval()
+        if swa_start is not None and int(state["swa"]["count"]):
+            log |= run_eval(state["swa"]["mean"], "eval_swa")
         return log
 
     if _EVAL_ONLY.value:
         if not (step or _INIT_FROM.value):
             raise UserError("--eval_only needs a checkpoint in --workdir or --init_from")
-        run_eval()
+        if _AVERAGE_CHECKPOINTS.value:
+            run_eval(average_checkpoints(ckpt_dir, _AVERAGE_CHECKPOINTS.value, state), "eval_avg")
+        else:
+            run_evals()
         close()
         return
+    if _AVERAGE_CHECKPOINTS.value:
+        raise UserError("--average_checkpoints evaluates finished checkpoints: add --eval_only")
     if step >= num_steps:
         say(f"nothing to do: the run in {_WORKDIR.value} finished at step {step}")
         close()
@@ -568,7 +696,8 @@ def main(argv):
     t_start = t_last = time.time()
     since_log, interval, saved = 0, None, step
     while step < num_steps:
-        state, metrics = train_step(state, batch)
+        T, n = curriculum(cfg, step)
+        state, metrics = train_step_for(T, n)(state, batch)
         step, since_log = step + 1, since_log + 1
         next_cursor = cursor  # the checkpoint of this step resumes from here
         batch, cursor = sample(cursor)  # the next batch is sampled while the step runs,
@@ -582,6 +711,8 @@ def main(argv):
             rate = since_log / (now - t_last)
             log = train_log(interval, B, since_log) | {
                 "train/lr": float(lr(step)),
+                "train/T": T,
+                "train/n": n,
                 "steps_per_s": rate,
                 "examples_per_s": rate * B,
             }
@@ -596,7 +727,7 @@ def main(argv):
         score = None
         if step % eval_every == 0 or step == num_steps:
             t0 = time.time()
-            score = run_eval()["eval/exact_accuracy"]
+            score = run_evals()["eval/exact_accuracy"]
             t_last += time.time() - t0  # evaluation time is not training time
         stopping = stop_requested(stop, log_step)
         due = step == num_steps or score is not None or stopping
@@ -612,7 +743,50 @@ def main(argv):
         say(f"{stop[0]}: stopped at step {step}; {where}; rerun the same command to resume")
     else:
         say(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min")
+        if is_main and _WORKDIR.value:  # run_all.sh skips a run directory that has it
+            ckpt.kvstore(_WORKDIR.value).write(DONE, json.dumps({"step": step}).encode()).result()
     close()
+
+
+DONE = "done.json"
+
+
+def check_schedules(cfg):
+    """Clear errors for the curriculum, exploration-annealing and averaging flags."""
+    if _CURRICULUM_STEPS.value:
+        T0, n0, S = _CURRICULUM_START_H.value, _CURRICULUM_START_L.value, _CURRICULUM_STAGES.value
+        if not (1 <= T0 <= cfg.T and 1 <= n0 <= cfg.n):
+            raise UserError(
+                f"--curriculum_start_H_cycles={T0}, --curriculum_start_L_cycles={n0}: each "
+                f"must be in [1, final] (--H_cycles={cfg.T}, --L_cycles={cfg.n})"
+            )
+        if S < 2:
+            raise UserError(f"--curriculum_stages={S}: a curriculum has at least 2 stages")
+    final = _HALT_EXPLORATION_FINAL.value
+    if final is not None and not 0 <= final <= 1:
+        raise UserError(f"--halt_exploration_final={final}: a probability, in [0, 1]")
+    if _SWA_START.value is not None and _SWA_START.value < 0:
+        raise UserError(f"--swa_start={_SWA_START.value}: a step, >= 0")
+    if _AVERAGE_CHECKPOINTS.value is not None and _AVERAGE_CHECKPOINTS.value < 1:
+        raise UserError(f"--average_checkpoints={_AVERAGE_CHECKPOINTS.value}: a count, >= 1")
+
+
+def average_checkpoints(ckpt_dir, k, state):
+    """The mean of the weights (EMA if kept, else raw) of the newest k intact checkpoints."""
+    found = list(itertools.islice(ckpt.intact(ckpt_dir), k)) if ckpt_dir else []
+    if len(found) < k:
+        raise UserError(
+            f"--average_checkpoints={k}: {len(found)} intact checkpoints in {ckpt_dir} "
+            f"(steps {[s for s, _ in found]}); train with --keep >= {k}"
+        )
+    key = "ema" if _EMA.value else "params"
+    target = {key: state[key]}
+    trees = []
+    for s, _ in found:
+        weights = ckpt.restore(ckpt_dir, s, target)[0][key]
+        trees.append({k: v for k, v in weights.items() if k != "puzzle_emb"})
+    print(f"averaging the {key} weights of steps {[s for s, _ in found]}", flush=True)
+    return ema.mean_of(trees)
 
 
 def stop_requested(stop, log_step):
