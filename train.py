@@ -849,6 +849,8 @@ def open_workdir(workdir, resume_step=0):
         return (lambda step, log: None), (lambda: None)
     store = ckpt.kvstore(workdir)
     store.write("flags.txt", _flags_text().encode()).result()
+    env = json.dumps(environment(), indent=1).encode()  # one per start: a resume may move
+    store.write(f"env_{resume_step:08d}.json", env).result()
     old = ckpt.read_text(store, "metrics.jsonl").splitlines(keepends=True)
     lines = [line for line in old if json.loads(line)["step"] <= resume_step]
     events = tempfile.mkdtemp(prefix="trmx-events-")  # copied into the store at every log
@@ -876,6 +878,42 @@ def open_workdir(workdir, resume_step=0):
         shutil.rmtree(events, ignore_errors=True)
 
     return log, close
+
+
+def environment():
+    """What a run ran on and with, for its record (report.py prints it)."""
+    import platform  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    cpuinfo = [line for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")]
+    cpu = cpuinfo[0].split(":", 1)[1].strip() if cpuinfo else platform.processor()
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        git = ["git", "-C", here, "describe", "--always", "--dirty"]
+        commit = subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    versions = {m.__name__: getattr(m, "__version__", "?") for m in (jax, np, optax)}
+    return {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "commit": commit or "unknown",
+        "python": platform.python_version(),
+        "versions": versions | {"jaxlib": getattr(jax.lib, "__version__", "?")},
+        "platform": jax.devices()[0].platform,
+        "device_kind": jax.devices()[0].device_kind,
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "host_cpu": cpu,
+        "host_cores": os.cpu_count(),
+    }
+
+
+def _read_lines(path):
+    try:
+        with open(path) as f:
+            return f.readlines()
+    except OSError:
+        return []
 
 
 def builtin_data():
