@@ -16,6 +16,7 @@
 #   # sweep: --a=1,2 --b=x,y    the runs are the cartesian product, one directory each (a-1_b-x)
 #   # mini: ...                 the same for the mini-study; no such line: not in the mini-study
 #   # then: --eval_only ...     a second command after each finished run, with these flags added
+#   # skip: --a=2 --b=y         leave out the points with all of these (the same run as E1.1)
 # --mini puts configs/mini.flags in place of the baseline, --smoke configs/smoke.flags (then
 # forces built-in data and 5 steps, and runs only the first point of each sweep).
 # A run directory with done.json (written by train.py at the end) is skipped; an interrupted
@@ -98,6 +99,11 @@ points() {  # one line per point of the cartesian product of "--a=1,2 --b=x,y"
   done < <(points "$@")
 }
 
+matches() {  # whether every flag of "$1" is among the rest
+  local f
+  for f in $1; do [[ " ${*:2} " == *" $f "* ]] || return 1; done
+}
+
 point_dir() {  # "--a=1 --b=x" -> "a-1_b-x"
   local name="" f
   for f in "$@"; do f=${f#--}; name+="${name:+_}${f%%=*}-${f#*=}"; done
@@ -143,10 +149,14 @@ for e in "${experiments[@]}"; do
     spec=$(directive "$file" mini) || { echo "skip $e: no '# mini:' line in $file"; continue; }
   fi
   then_flags=$(directive "$file" then) || then_flags=""
+  skip_flags=$(directive "$file" skip) || skip_flags=""
   late=()  # smoke: built-in data, a few steps, whatever the experiment says
   [[ $mode != smoke ]] || late=(--data_paths= --max_steps=5 --ckpt_every=1 --eval_max_examples=8)
   while IFS= read -r point; do
     read -ra p <<< "$point"
+    if [[ -n "$skip_flags" ]] && matches "$skip_flags" "${p[@]}"; then
+      echo "skip $e ${p[*]}: the same run as E1.1 (# skip: in $file)"; continue
+    fi
     dir="$runs/$e"
     ((${#p[@]} == 0)) || dir+="/$(point_dir "${p[@]}")"
     if [[ -z "$tpu" && -f "$dir/done.json" ]]; then
