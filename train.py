@@ -956,11 +956,12 @@ def train_log(m, global_batch_size, num_steps):
 
 
 def check_finite(state, metrics):
+    """A NaN/Inf loss ends the run (exit 1) with the step where it first appeared."""
     nan_step = int(state["nan_step"])
     if nan_step >= 0:
-        raise FloatingPointError(
+        raise UserError(
             f"The loss became NaN/Inf at step {nan_step} (last logged loss "
-            f"{float(metrics['loss'])}); lower --lr or use float32."
+            f"{float(metrics['loss'])}); lower --lr or use float32 (docs/TROUBLESHOOTING.md)"
         )
 
 
