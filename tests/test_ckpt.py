@@ -206,6 +206,9 @@ def uninterrupted(tmp_path_factory, gcs):
     return losses(str(tmp / "run"))
 
 
+@pytest.mark.parametrize(  # through GCS these take ~35 s each: in the slow set
+    "workdir", ["local", pytest.param("gcs", marks=pytest.mark.slow)], indirect=True
+)
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(
     workdir, tmp_path, gcs, uninterrupted
 ):
@@ -227,6 +230,9 @@ def list_steps(workdir):
     return steps, set(complete)
 
 
+@pytest.mark.parametrize(  # through GCS these take ~35 s each: in the slow set
+    "workdir", ["local", pytest.param("gcs", marks=pytest.mark.slow)], indirect=True
+)
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(workdir, tmp_path, gcs, uninterrupted):
     common = [*CURVE, "--ckpt_every=2", f"--builtin_dir={tmp_path}", f"--workdir={workdir}"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", **gcs)

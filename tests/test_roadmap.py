@@ -1,0 +1,440 @@
+"""The research roadmap: every ablation flag changes what it should and only that, run_all.sh
+(phases, sweeps, mini-study, skipping finished runs, and the smoke run of every flagfile), and
+report.py on made-up runs whose answers are known."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+
+import bench
+import data
+import ema
+import model
+import train
+from test_model import assert_close, batch_of, tiny
+
+ROOT = pathlib.Path(__file__).parents[1]
+META = bench.SUDOKU_META
+if not flags.FLAGS.is_parsed():
+    flags.FLAGS(["pytest"])
+
+
+def run(cmd, **kwargs):
+    return subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT, **kwargs)
+
+
+def config_with(**flag_values):
+    with flagsaver.flagsaver(**flag_values):
+        return train.model_config(META)
+
+
+def changed_fields(a, b):
+    return {f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)}
+
+
+# ----------------------------------------------------------------------------- flags -> config
+
+
+@pytest.mark.parametrize(
+    "flag_values, fields",
+    [
+        ({"H_cycles": 2}, {"T"}),
+        ({"L_cycles": 3}, {"n"}),
+        ({"L_layers": 4}, {"layers"}),
+        ({"halt_max_steps": 8}, {"N_sup"}),
+        ({"mlp_t": False, "pos_encodings": "rope"}, {"mlp_t", "pos_encodings"}),
+        ({"hidden_size": 1024}, {"D", "puzzle_emb_ndim"}),  # the puzzle width follows D
+        ({"forward_dtype": "float16"}, {"forward_dtype"}),
+        ({"halt_exploration_prob": 0.3}, {"halt_exploration_prob"}),
+        (
+            {"no_ACT_continue": False, "halt_step_penalty": 0.05},
+            {"no_ACT_continue", "halt_step_penalty"},
+        ),
+        # schedules, data, optimiser and evaluation flags leave the model alone
+        ({"eval_halt_max_steps": 32, "curriculum_steps": 10, "swa_start": 5}, set()),
+        ({"train_puzzles": 10, "train_aug": 3, "optimizer": "lion", "beta2": 0.99}, set()),
+        ({"ema": False, "global_batch_size": 64, "lr_scaling": "sqrt"}, set()),
+    ],
+)
+def test_each_flag_changes_only_its_config_fields(flag_values, fields):
+    assert changed_fields(config_with(), config_with(**flag_values)) == fields
+
+
+def test_model_sizes_of_the_scaling_experiment():
+    """E3.1's header: hidden size 512 -> 768, 1024, 1280 is 5.0M -> 9.8M, 17.6M, 27.9M params."""
+    counts = {}
+    for D in (512, 768, 1024, 1280):
+        cfg = config_with(hidden_size=D)
+        shapes = jax.eval_shape(lambda key, cfg=cfg: model.init_params(key, cfg), jax.random.key(0))
+        counts[D] = model.num_params(shapes)
+    assert counts[512] == 5_028_866  # the reference's count
+    assert [round(counts[D] / 1e5) for D in (768, 1024, 1280)] == [98, 176, 279], counts
+
+
+def test_ema_off_changes_the_evaluated_weights_and_not_the_training(tmp_path):
+    """Two tiny runs, --ema and --ema=false: the same train metrics step for step, different
+    evaluations (the raw weights instead of their average)."""
+    logs = {}
+    for ema_on in (True, False):
+        workdir = tmp_path / f"ema_{ema_on}"
+        out = run(
+            [
+                sys.executable,
+                "train.py",
+                "--flagfile=configs/smoke.flags",
+                f"--builtin_dir={tmp_path}/data",
+                f"--workdir={workdir}",
+                f"--ema={ema_on}",
+                "--lr=1e-2",
+                "--ema_rate=0.5",
+                "--max_steps=6",
+                "--log_every=2",
+            ],
+            env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        lines = (workdir / "metrics.jsonl").read_text().splitlines()
+        logs[ema_on] = [json.loads(line) for line in lines]
+    train_on, train_off = ([m for m in logs[e] if "train/loss" in m] for e in (True, False))
+    assert len(train_on) == 3 and [m["train/loss"] for m in train_on] == [
+        m["train/loss"] for m in train_off
+    ]
+    eval_on, eval_off = (next(m for m in logs[e] if "eval/lm_loss" in m) for e in (True, False))
+    assert eval_on["eval/lm_loss"] != eval_off["eval/lm_loss"]
+
+
+def test_halt_step_penalty_needs_the_q_continue_head():
+    with pytest.raises(ValueError, match="halt_step_penalty prices continuing"):
+        tiny(halt_step_penalty=0.1)
+    with pytest.raises(ValueError, match=r"halt_step_penalty in \[0, 1\)"):
+        tiny(no_ACT_continue=False, halt_step_penalty=1.5)
+
+
+def test_halt_step_penalty_lowers_the_continue_target_by_lambda():
+    """The Q-continue target is sigmoid(best next Q) - lambda, floored at 0; nothing else moves."""
+    base = tiny(no_ACT_continue=False, N_sup=4)
+    params = model.init_params(jax.random.key(0), base)
+    params["q_head"]["b"] = jnp.array([0.5, 1.0])  # targets well above lambda
+    batch = batch_of(jax.random.key(1))
+    carry = model.initial_carry(base, batch)
+    outs = {}
+    for lam in (0.0, 0.25):
+        cfg = dataclasses.replace(base, halt_step_penalty=lam)
+        outs[lam] = model.act_step(params, cfg, carry, batch, train=True)
+    _, a = outs[0.0]
+    _, b = outs[0.25]
+    assert float(a["q_continue_target"].min()) > 0.25
+    assert_close(b["q_continue_target"], a["q_continue_target"] - 0.25, 1e-6)
+    assert_close(b["logits"], a["logits"], 0)
+
+
+def test_exploration_is_annealed_from_start_to_final():
+    with flagsaver.flagsaver(halt_exploration_prob=0.3, halt_exploration_final=0.05):
+        schedule = train.exploration_schedule(total_steps=100)
+    assert_close([schedule(s) for s in (0, 50, 100, 400)], [0.3, 0.175, 0.05, 0.05], 1e-6)
+    with flagsaver.flagsaver(halt_exploration_final=0.0, halt_exploration_anneal_steps=10):
+        assert float(train.exploration_schedule(100)(10)) == 0.0
+    assert train.exploration_schedule(100) is None  # off by default: the config's constant
+    cfg, key = tiny(N_sup=8, halt_exploration_prob=0.5), jax.random.key(3)
+    assert (model.exploration_min_steps(key, cfg, 256, prob=0.0) == 0).all()
+    forced = model.exploration_min_steps(key, cfg, 256, prob=1.0)
+    assert ((forced >= 2) & (forced <= 8)).all()
+
+
+def test_curriculum_is_a_staircase_from_start_to_final():
+    cfg = tiny(T=3, n=6)
+    with flagsaver.flagsaver(
+        curriculum_steps=90,
+        curriculum_start_H_cycles=1,
+        curriculum_start_L_cycles=2,
+        curriculum_stages=4,
+    ):
+        stages = [train.curriculum(cfg, s) for s in range(200)]
+    assert stages[0] == (1, 2) and stages[89] != (3, 6) and stages[90:] == [(3, 6)] * 110
+    assert len(set(stages)) == 4  # one compile per stage, not per step
+    assert all(a <= b for a, b in zip(stages, stages[1:], strict=False))  # T and n only grow
+    assert train.curriculum(cfg, 0) == (3, 6)  # no curriculum: the config's T, n
+
+
+def test_schedule_flags_reject_bad_values():
+    for flag_values, message in [
+        ({"curriculum_steps": 5, "curriculum_start_H_cycles": 4}, "curriculum_start_H_cycles=4"),
+        ({"curriculum_steps": 5, "curriculum_stages": 1}, "curriculum_stages=1"),
+        ({"halt_exploration_final": 1.5}, "halt_exploration_final=1.5"),
+        ({"swa_start": -1}, "swa_start=-1"),
+        ({"average_checkpoints": 0}, "average_checkpoints=0"),
+    ]:
+        with flagsaver.flagsaver(**flag_values), pytest.raises(SystemExit, match=message):
+            train.check_schedules(tiny(T=3, n=6))
+
+
+def test_lion_moves_every_weight_by_the_learning_rate():
+    with flagsaver.flagsaver(optimizer="lion", lr=1e-3, lr_warmup_steps=0, weight_decay=0.0):
+        tx, _ = train.optimizer(total_steps=10)
+    params = {"w": jnp.array([1.0, -2.0, 3.0]), "puzzle_emb": jnp.zeros((1, 4))}
+    grads = {"w": jnp.array([0.5, -1e-6, 0.0]), "puzzle_emb": jnp.zeros((1, 4))}
+    updates, _ = tx.update(grads, tx.init(params), params, rows=jnp.array([True]))
+    assert_close(updates["w"], [-1e-3, 1e-3, 0.0], 1e-9)  # sign(g) * lr, whatever |g|
+
+
+def test_running_mean_averages_the_included_steps():
+    avg = ema.running_mean_init({"w": jnp.zeros(2)})
+    for value, include in [(5.0, False), (1.0, True), (2.0, True), (6.0, True)]:
+        avg = ema.running_mean_update(avg, {"w": jnp.full(2, value)}, jnp.array(include))
+    assert int(avg["count"]) == 3
+    assert_close(avg["mean"]["w"], [3.0, 3.0], 1e-6)
+    assert_close(ema.mean_of([{"w": jnp.ones(2)}, {"w": jnp.full(2, 3.0)}])["w"], [2.0, 2.0], 0)
+
+
+def test_train_step_keeps_the_running_mean_from_swa_start():
+    cfg = tiny()
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    batches = [batch_of(jax.random.key(i), B=4) for i in range(4)]
+    tx, _ = train.optimizer(total_steps=100)
+    state = train.init_state(cfg, tx, batches[0], mesh, seed=0, use_ema=True, use_swa=True)
+    train_step, _ = train.make_steps(cfg, mesh, tx, 4, ema_rate=0.9, swa_start=2)
+    seen = []
+    for batch in batches:
+        state, _ = train_step(state, batch)
+        seen.append(jax.device_get(state["params"]["embed"]))
+    assert int(state["swa"]["count"]) == 2  # steps 3 and 4
+    assert_close(state["swa"]["mean"]["embed"], (seen[2] + seen[3]) / 2, 1e-6)
+
+
+def test_eval_reports_where_the_q_head_would_halt():
+    """q_halt always > 0: every puzzle halts at step 1, scored there; always < 0: at N_sup."""
+    cfg = tiny(N_sup=4)
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    tx, _ = train.optimizer(total_steps=100)
+    batch = jax.device_put(batch_of(jax.random.key(0), B=8), sharding)
+    batch["labels"] = batch["labels"].at[-1].set(model.IGNORE_LABEL)  # a padding row
+    _, eval_step = train.make_steps(cfg, mesh, tx, 8)
+    params = model.init_params(jax.random.key(1), cfg)
+    for bias, steps in ((10.0, 1), (-10.0, 4)):
+        params["q_head"]["b"] = jnp.array([bias, 0.0])
+        out = train.evaluate(eval_step, params, [batch], lambda b: b)
+        assert out["eval/count"] == 7
+        assert out["eval/halted_steps"] == steps
+        assert out["eval/halted_exact_accuracy"] == out[f"eval/exact_accuracy_step{steps}"]
+
+
+# ----------------------------------------------------------------------------- data subsets
+
+
+def test_train_subset_keeps_the_first_puzzles_and_augmentations(tmp_path):
+    data.build_builtin(
+        str(tmp_path), num_train=6, num_test=2, min_blanks=30, max_blanks=40, num_aug=4
+    )
+    full = data.load([str(tmp_path)], "train")
+    small = data.subset(full, puzzles=3, aug=1)
+    assert small["meta"]["total_groups"] == 3 and len(small["group_indices"]) == 4
+    assert len(small["inputs"]) == 3 * 2  # each puzzle and its first variant
+    gi, pi = full["group_indices"], full["puzzle_indices"]
+    expected = [pi[gi[g] + k] for g in range(3) for k in range(2)]
+    assert (small["inputs"] == full["inputs"][expected]).all()
+    nested = data.subset(full, puzzles=2)  # nested: the 2 are the first 2 of the 3
+    assert (nested["inputs"][::5] == small["inputs"][::2][:2]).all()
+    assert len(data.subset(full, aug=100)["inputs"]) == len(full["inputs"])  # all there are
+    with pytest.raises(ValueError, match="train_puzzles=7: this dataset has 6"):
+        data.subset(full, puzzles=7)
+    with pytest.raises(ValueError, match="train_aug=-1"):
+        data.subset(full, aug=-1)
+
+
+# ----------------------------------------------------------------------------- run_all.sh
+
+
+def dry(*args):
+    out = run(["bash", "run_all.sh", "--dry_run", *args])
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_run_all_runs_each_experiment_over_the_baseline():
+    assert dry("sudoku_mlp", "e2_3_attention", "sudoku_cpu", "--", "--max_steps=5") == [
+        "+ python train.py --flagfile=configs/sudoku_mlp.flags --workdir=runs/sudoku_mlp "
+        "--max_steps=5",
+        "+ python train.py --flagfile=configs/sudoku_mlp.flags "
+        "--flagfile=configs/e2_3_attention.flags --workdir=runs/e2_3_attention --max_steps=5",
+        "+ python train.py --flagfile=configs/sudoku_cpu.flags --workdir=runs/sudoku_cpu "
+        "--max_steps=5",
+    ]
+
+
+def test_run_all_sweeps_the_cartesian_product_into_one_folder_each():
+    lines = dry("e3_4_lr_vs_batch")
+    assert len(lines) == 6
+    assert lines[0].endswith(
+        "--flagfile=configs/e3_4_lr_vs_batch.flags --global_batch_size=384 --lr_scaling=linear "
+        "--workdir=runs/e3_4_lr_vs_batch/global_batch_size-384_lr_scaling-linear"
+    )
+    assert len({line.split("--workdir=")[1] for line in lines}) == 6
+
+
+def test_run_all_leaves_out_the_point_that_is_the_baseline():
+    lines = dry("e2_2_t_n_grid")
+    assert len([line for line in lines if line.startswith("+")]) == 8
+    assert "skip e2_2_t_n_grid --H_cycles=3 --L_cycles=6: the same run as E1.1" in lines[7]
+
+
+def test_run_all_phases_cover_every_experiment_flagfile_once():
+    lines = dry("all")
+    commands = [line for line in lines if line.startswith("+")]
+    named = {line.split("--workdir=runs/")[1].split("/")[0].split(" ")[0] for line in commands}
+    flagfiles = {p.stem for p in (ROOT / "configs").glob("*.flags")}
+    assert named == flagfiles - {"sudoku_cpu", "mini", "smoke"}
+    assert dry("phase2") == [line for line in lines if "/e2_" in line]
+    # no two runs of the roadmap are the same run: their flags (less the folder) differ
+    runs = [
+        frozenset(line.split()[3:]) - {f for f in line.split() if "--workdir" in f}
+        for line in commands
+    ]
+    assert len(set(runs)) == len(runs)
+
+
+def test_every_experiment_flagfile_says_how_to_run_it_and_what_to_expect():
+    for path in (ROOT / "configs").glob("*.flags"):
+        text = path.read_text()
+        assert text.startswith("# "), path
+        if path.stem not in ("mini", "smoke"):
+            for what in ("# Command:", "# Hardware:", "# Expected:"):
+                assert what in text, (path, what)
+        overrides = [line for line in text.splitlines() if line.startswith("--")]
+        assert len(overrides) == len(set(overrides)), path
+
+
+def test_run_all_mini_study_and_skips_finished_runs(tmp_path):
+    lines = dry("--mini", f"--runs={tmp_path}", "phase2", "sudoku_mlp")
+    runs = [line for line in lines if line.startswith("+")]
+    assert all("--flagfile=configs/mini.flags" in line for line in runs)
+    assert len(runs) == 1 + 9 + 2 + 1  # EMA off, the 3 x 3 grid, attention (8, 2 heads), E1.1
+    assert "skip e2_4_n_sup: no '# mini:' line in configs/e2_4_n_sup.flags" in lines
+    (tmp_path / "e2_1_ema_off").mkdir()
+    (tmp_path / "e2_1_ema_off" / "done.json").write_text("{}")
+    again = dry("--mini", f"--runs={tmp_path}", "e2_1_ema_off")
+    assert again == [f"skip {tmp_path}/e2_1_ema_off: done (done.json)"]
+
+
+def test_run_all_rejects_bad_arguments():
+    for args, message in [
+        (["nope"], "no configs/nope.flags"),
+        (["--tpu=x", "sudoku_mlp"], "needs --zone"),
+        (["--tpu=x", "--zone=z", "sudoku_mlp"], "--runs=gs://"),
+        (["--smoke", "--tpu=x", "--zone=z", "all"], "--smoke runs here"),
+        (["--bogus", "all"], "unknown option --bogus"),
+        ([], "name a phase"),
+    ]:
+        out = run(["bash", "run_all.sh", *args])
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
+
+
+def test_smoke_runs_every_flagfile_then_report_reads_them(tmp_path):
+    """What CI relies on: each experiment of the roadmap trains and evaluates for a few steps
+    (a broken flag or flagfile fails here), and report.py turns the runs into its outputs.
+    Two halves of the roadmap run at once (most of a tiny run is compiling, one core)."""
+    cpu = dict(os.environ, JAX_PLATFORMS="cpu")
+    halves = [
+        subprocess.Popen(
+            [
+                "bash",
+                "run_all.sh",
+                "--smoke",
+                f"--runs={tmp_path}",
+                *phases,
+                "--",
+                f"--builtin_dir={tmp_path}/data",
+            ],
+            cwd=ROOT,
+            env=cpu,
+            stdout=(tmp_path / f"half{i}.log").open("w"),  # files: a full pipe would block
+            stderr=subprocess.STDOUT,
+        )
+        for i, phases in enumerate((("phase1", "phase2"), ("phase3", "phase4")))
+    ]
+    codes = [p.wait() for p in halves]
+    logs = [(tmp_path / f"half{i}.log").read_text() for i in range(2)]
+    for code, log in zip(codes, logs, strict=True):
+        assert code == 0, log[-5000:]
+    finished = sorted(p.parent.relative_to(tmp_path) for p in tmp_path.glob("**/done.json"))
+    assert len(finished) == 14, finished
+    assert "eval_avg @ 5" in logs[1]  # E4.4's second command averaged its checkpoints
+    report = run([sys.executable, "report.py", str(tmp_path), f"--out={tmp_path}/report"], env=cpu)
+    assert report.returncode == 0, report.stderr[-3000:]
+    text = (tmp_path / "report" / "RESULTS.md").read_text()
+    assert "| e3_1_model_size/hidden_size-768 |" in text and "eval_avg" in text
+    for png in ("curves.png", "groups.png", "per_step.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- report.py
+
+
+def fake_run(path, flag_lines, evals, train_losses=((100, 1.0), (200, 0.5))):
+    """A run directory as train.py writes it, with made-up numbers."""
+    path.mkdir(parents=True)
+    (path / "flags.txt").write_text("\n".join(flag_lines) + "\n")
+    lines = [{"step": s, "train/loss": v} for s, v in train_losses]
+    lines += [{"step": 200} | {f"eval/{k}": v for k, v in e.items()} for e in evals]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+
+
+def test_report_tables_heat_map_front_and_power_law(tmp_path):
+    root = tmp_path / "runs"
+    small = ["--hidden_size=16", "--num_heads=2", "--puzzle_emb_len=1", "--halt_max_steps=2"]
+    fake_run(root / "sudoku_mlp", small, [{"exact_accuracy": 0.5, "accuracy": 0.9}])
+    for T in (1, 2):
+        for n in (1, 3):
+            per_step = {"exact_accuracy_step1": 0.1 * T, "exact_accuracy_step2": 0.1 * T + 0.01 * n}
+            fake_run(
+                root / "grid" / f"H_cycles-{T}_L_cycles-{n}",
+                [*small, f"--H_cycles={T}", f"--L_cycles={n}"],
+                [{"exact_accuracy": 0.1 * T + 0.01 * n, "accuracy": 0.9, **per_step}],
+            )
+    for puzzles in (100, 400, 1600, 6400):  # error = 2 * puzzles^-0.5 exactly
+        fake_run(
+            root / "data" / f"train_puzzles-{puzzles}",
+            [*small, f"--train_puzzles={puzzles}"],
+            [{"exact_accuracy": 1 - 2 * puzzles**-0.5, "accuracy": 0.99}],
+        )
+    out = run(
+        [sys.executable, "report.py", str(root), f"--out={tmp_path}/out", "--title=Test"],
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = (tmp_path / "out" / "RESULTS.md").read_text()
+    assert text.startswith("# Test")
+    assert "| T=2 | 0.2100 | 0.2300 |" in text  # the T x n table: rows T, columns n
+    assert "| data | training puzzles | 4 | 2 | 0.500 | 1.00 |" in text  # a, b, R^2
+    fwd = bench.model_flops_per_example(
+        model.Config(D=16, heads=2, puzzle_emb_ndim=16, puzzle_emb_len=1, N_sup=1, T=2, n=3),
+        train_step=False,
+    )
+    assert f"| grid/H_cycles-2_L_cycles-3 | 2 steps | {2 * fwd / 0.23:.3g} | 0.2300 |" in text
+    for png in ("heatmap_T_n.png", "frontier.png", "scaling_data.png", "curves.png"):
+        assert (tmp_path / "out" / png).stat().st_size > 1000
+
+
+def test_report_pareto_front():
+    import report  # noqa: PLC0415
+
+    points = [(10, 0.5, "a", ""), (5, 0.4, "b", ""), (20, 0.45, "c", ""), (30, 0.9, "d", "")]
+    assert [p[2] for p in report.pareto(points)] == ["b", "a", "d"]
+    a, b, r2 = report.power_law([1, 10, 100], [0.3, 0.03, 0.003])
+    assert_close([a, b, r2], [0.3, 1.0, 1.0], 1e-6)
+
+
+def test_report_says_clearly_when_there_are_no_runs(tmp_path):
+    out = run(
+        [sys.executable, "report.py", str(tmp_path)], env=dict(os.environ, JAX_PLATFORMS="cpu")
+    )
+    assert out.returncode == 1 and "report.py: error: no runs" in out.stderr
