@@ -782,10 +782,11 @@ def average_checkpoints(ckpt_dir, k, state):
     key = "ema" if _EMA.value else "params"
     target = {key: state[key]}
     trees = []
-    for s, _ in found:
-        weights = ckpt.restore(ckpt_dir, s, target)[0][key]
-        trees.append({k: v for k, v in weights.items() if k != "puzzle_emb"})
-    print(f"averaging the {key} weights of steps {[s for s, _ in found]}", flush=True)
+    for step, _ in found:
+        weights = ckpt.restore(ckpt_dir, step, target)[0][key]
+        trees.append({name: w for name, w in weights.items() if name != "puzzle_emb"})
+    if jax.process_index() == 0:
+        print(f"averaging the {key} weights of steps {[s for s, _ in found]}", flush=True)
     return ema.mean_of(trees)
 
 

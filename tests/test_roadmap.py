@@ -165,6 +165,31 @@ def test_curriculum_is_a_staircase_from_start_to_final():
     assert train.curriculum(cfg, 0) == (3, 6)  # no curriculum: the config's T, n
 
 
+def test_train_py_compiles_the_step_once_per_curriculum_stage(tmp_path):
+    out = run(
+        [
+            sys.executable,
+            "train.py",
+            "--flagfile=configs/smoke.flags",
+            f"--builtin_dir={tmp_path}",
+            f"--workdir={tmp_path}/run",
+            "--H_cycles=3",
+            "--L_cycles=4",
+            "--curriculum_steps=6",
+            "--curriculum_stages=3",
+            "--max_steps=9",
+            "--log_every=1",
+            "--eval_max_examples=8",
+        ],
+        env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_LOG_COMPILES="1"),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("Compiling jit(train_step)") == 3
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    stages = [(m["train/T"], m["train/n"]) for m in map(json.loads, lines) if "train/T" in m]
+    assert stages == [(1, 2)] * 3 + [(2, 3)] * 3 + [(3, 4)] * 3
+
+
 def test_schedule_flags_reject_bad_values():
     for flag_values, message in [
         ({"curriculum_steps": 5, "curriculum_start_H_cycles": 4}, "curriculum_start_H_cycles=4"),
