@@ -313,7 +313,8 @@ def plots(runs, groups, out):
     save(fig, "groups.png")
 
     # T x n heat map
-    for name, grid in t_n_grids(groups).items():
+    grids = t_n_grids(groups)
+    for name, grid in grids.items():
         Ts, ns, acc = grid
         fig, ax = plt.subplots(figsize=(4.5, 3.8))
         im = ax.imshow(acc, origin="lower", cmap="viridis", vmin=0, vmax=1)
@@ -325,7 +326,7 @@ def plots(runs, groups, out):
                 if not np.isnan(acc[i, j]):
                     ax.text(j, i, f"{acc[i, j]:.3f}", ha="center", va="center", color="w")
         fig.colorbar(im)
-        save(fig, "heatmap_T_n.png" if len(t_n_grids(groups)) == 1 else f"heatmap_T_n_{name}.png")
+        save(fig, "heatmap_T_n.png" if len(grids) == 1 else f"heatmap_T_n_{name}.png")
 
     # accuracy after each supervision step
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -494,7 +495,7 @@ def results_md(runs, groups, images):
         rows = [[f"T={T}"] + [fmt(acc[i, j]) for j in range(len(ns))] for i, T in enumerate(Ts)]
         md.append(table(["", *(f"n={n}" for n in ns)], rows))
 
-    per_step = [(r, per_step_accuracy(r)) for r in runs if per_step_accuracy(r)]
+    per_step = [(r, a) for r in runs if (a := per_step_accuracy(r))]
     if per_step:
         K = max(len(a) for _, a in per_step)
         md.append("\n## Exact accuracy after each supervision step at evaluation\n")
