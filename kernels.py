@@ -302,3 +302,149 @@ def mixer_step_ref(x_BxLxD, weights, injection_BxLxD=None, *, eps=1e-5):
     h_BxDxL = rms_norm(h_BxDxL + swiglu(h_BxDxL, weights["token_gate_up"], weights["token_down"]))
     h = h_BxDxL.swapaxes(1, 2)
     return rms_norm(h + swiglu(h, weights["gate_up"], weights["down"]))
+
+
+# ----------------------------------------------------------------------------- the XLA path
+#
+# What `model.py` runs when the Pallas kernel is off (`--kernel=xla`, the CPU and GPU path).
+# The same block as `mixer_step_ref`, laid out for XLA's matmul libraries:
+#
+# Layout. Activations are sequence-major, (L, B, D). Mixing over L is then one plain matmul,
+# Wtok^T (2Ft, L) @ h (L, B*D), and mixing over D another, h (L*B, D) @ W (D, 2F): no
+# transposes of the activations anywhere (the reference's (B, D, L) view costs two per
+# block, and its (B*D, L) @ (L, 2Ft) runs at half the speed of the sequence-major form on
+# XLA:CPU). The gate and up halves of the token SwiGLU are two matmuls: (Ft, L) @ (L, B*D)
+# twice is faster than (2Ft, L) @ (L, B*D) then a slice (the slice is a copy).
+#
+# Backward. Written by hand (`jax.custom_vjp`), from saved activations (the SwiGLU
+# pre-activations, the products fed to the down projections, the pre-norm sums): the
+# SwiGLU and RMSNorm derivatives are computed in float32 in one elementwise pass each, the
+# gate and up gradients are concatenated so that each weight gradient and each input
+# gradient is one matmul.
+#
+# Measured on the project's CPU (`python bench.py`; README, Speed on CPU).
+
+
+def _silu_glu(gate, up, dtype):
+    """silu(gate) * up in float32, rounded once to `dtype`."""
+    gate = gate.astype(jnp.float32)
+    return (gate * jax.nn.sigmoid(gate) * up.astype(jnp.float32)).astype(dtype)
+
+
+def _silu_glu_grad(d_out, gate, up):
+    """(d gate, d up) of silu(gate) * up, in float32."""
+    d_out, gate, up = (a.astype(jnp.float32) for a in (d_out, gate, up))
+    sig = jax.nn.sigmoid(gate)
+    return d_out * up * sig * (1 + gate * (1 - sig)), d_out * gate * sig
+
+
+def _rms_scale(s, axis, eps):
+    """1 / RMS(s) over `axis`, float32, kept as a broadcastable axis."""
+    s = s.astype(jnp.float32)
+    return jax.lax.rsqrt(_mean(s * s, axis) + eps)
+
+
+def _rms_norm_grad(d_out, s, scale, axis):
+    """The gradient through s -> s * scale(s) (RMSNorm, no weight), in float32."""
+    y = s.astype(jnp.float32) * scale
+    d_out = d_out.astype(jnp.float32)
+    return scale * (d_out - y * _mean(d_out * y, axis))
+
+
+def _mean(a, axis):
+    """Mean over axis 0 or the last axis of a 2-D array, keeping the axis. Over axis 0 it is
+    a matmul: XLA:CPU hands that reduction to YNNPACK, whose rounding was seen to change with
+    the number of devices sharing the process (4 fake devices in one process trained unlike
+    1 device or 2 processes x 2: tests/test_distributed.py); a matmul's does not."""
+    if axis == 0:
+        return jnp.dot(jnp.full((1, a.shape[0]), 1 / a.shape[0], a.dtype), a)
+    return jnp.mean(a, axis, keepdims=True)
+
+
+def _transposed(w):
+    """w.T, stored transposed. Left to itself, XLA:CPU folds the transpose into the matmul
+    that reads it, and such a matmul (over K = 256 here) was seen to round differently for
+    different widths of its right operand when several devices shared the process: the
+    token mixing of 8 devices x 2 rows then differed from 1 device x 16 rows
+    (tests/test_train.py). Stored transposed, the result is the same for every width. The
+    barrier keeps XLA from folding it back; a (2Ft, L) copy per block costs nothing."""
+    return jax.lax.optimization_barrier(w.T)
+
+
+def _xla_forward(x, injection, weights, eps):
+    L, B, D = x.shape
+    dtype = x.dtype
+    w = {k: v.astype(dtype) for k, v in weights.items()}  # as the reference casts them
+    Ft, F = w["token_down"].shape[0], w["down"].shape[0]
+    h0 = (x if injection is None else x + injection).reshape(L, B * D)
+    # Mixing over L: a SwiGLU on the columns of h0, a residual, an RMSNorm over L.
+    gate_up_t, down_t = _transposed(w["token_gate_up"]), _transposed(w["token_down"])
+    gate = jnp.dot(gate_up_t[:Ft], h0)  # (Ft, B*D)
+    up = jnp.dot(gate_up_t[Ft:], h0)
+    act = _silu_glu(gate, up, dtype)
+    s1 = h0 + jnp.dot(down_t, act)  # (L, B*D)
+    scale1 = _rms_scale(s1, 0, eps)
+    h1 = (s1 * scale1).astype(dtype).reshape(L * B, D)
+    # Mixing over D: a SwiGLU on the rows of h1, a residual, an RMSNorm over D.
+    gate2, up2 = h1 @ w["gate_up"][:, :F], h1 @ w["gate_up"][:, F:]  # (L*B, F)
+    act2 = _silu_glu(gate2, up2, dtype)
+    s2 = h1 + act2 @ w["down"]  # (L*B, D)
+    scale2 = _rms_scale(s2, -1, eps)
+    out = (s2 * scale2).astype(dtype).reshape(L, B, D)
+    saved = (h0, gate, up, act, s1, scale1, h1, gate2, up2, act2, s2, scale2)
+    return out, (saved, weights, injection is None)
+
+
+def _xla_backward(eps, residuals, d_out):
+    (h0, gate, up, act, s1, scale1, h1, gate2, up2, act2, s2, scale2), weights, no_inj = residuals
+    L, B, D = d_out.shape
+    dtype = d_out.dtype
+    w = {k: v.astype(dtype) for k, v in weights.items()}
+    # Mixing over D, backwards.
+    d_s2 = _rms_norm_grad(d_out.reshape(L * B, D), s2, scale2, -1).astype(dtype)
+    d_gate2, d_up2 = _silu_glu_grad(d_s2 @ w["down"].T, gate2, up2)
+    d_gate_up2 = jnp.concatenate([d_gate2, d_up2], -1).astype(dtype)  # (L*B, 2F)
+    d_h1 = d_s2.astype(jnp.float32) + (d_gate_up2 @ w["gate_up"].T).astype(jnp.float32)
+    grads = {"down": act2.T @ d_s2, "gate_up": h1.T @ d_gate_up2}
+    # Mixing over L, backwards.
+    d_s1 = _rms_norm_grad(d_h1.reshape(L, B * D), s1, scale1, 0).astype(dtype)
+    d_gate, d_up = _silu_glu_grad(jnp.dot(w["token_down"], d_s1), gate, up)
+    d_gate_up = jnp.concatenate([d_gate, d_up], 0).astype(dtype)  # (2Ft, B*D)
+    d_h0 = d_s1.astype(jnp.float32) + jnp.dot(w["token_gate_up"], d_gate_up).astype(jnp.float32)
+    grads["token_down"] = jnp.dot(act, d_s1.T)
+    grads["token_gate_up"] = jnp.dot(h0, d_gate_up.T)
+    d_x = d_h0.astype(dtype).reshape(L, B, D)
+    grads = {k: _cotangent_like(v, weights[k]) for k, v in grads.items()}
+    return d_x, None if no_inj else d_x, grads
+
+
+def _cotangent_like(grad, primal):
+    """grad in primal's dtype; under shard_map, summed over the mesh axes along which it
+    varies and primal does not (the weights are replicated, their per-device gradients are
+    not): what autodiff does for the implicit broadcast of a replicated input."""
+    extra = tuple(jax.typeof(grad).mat.varying - jax.typeof(primal).mat.varying)
+    return (jax.lax.psum(grad, extra) if extra else grad).astype(primal.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _xla_block(x, injection, weights, eps):
+    return _xla_forward(x, injection, weights, eps)[0]
+
+
+_xla_block.defvjp(_xla_forward, _xla_backward)
+
+
+def mixer_step_xla(x_LxBxD, weights, injection_LxBxD=None, *, eps=1e-5):
+    """`mixer_step_ref` on sequence-major activations, with a hand-written backward.
+
+    Args:
+      x_LxBxD: activations, (L, B, D), float32 or bfloat16 (the output has the same dtype).
+      weights: as for `mixer_step`.
+      injection_LxBxD: optional; added to x first.
+      eps: RMSNorm epsilon.
+    Returns:
+      (L, B, D): `mixer_step_ref(x.swapaxes(0, 1), ...).swapaxes(0, 1)`, up to rounding.
+    """
+    batch_major = [None if a is None else a.swapaxes(0, 1) for a in (x_LxBxD, injection_LxBxD)]
+    check_shapes(batch_major[0], weights, batch_major[1])
+    return _xla_block(x_LxBxD, injection_LxBxD, weights, eps)

@@ -9,8 +9,9 @@ head reads y; the Q head reads y at position 0 and decides when to stop.
 Notable features:
 - MLP-mixer variant (`mlp_t`: a SwiGLU over the sequence axis instead of attention, the
   paper's best Sudoku model) and the attention variant (RoPE / learned / no positions).
-  The mixer block itself is `kernels.mixer_step_ref` (jnp), or `kernels.mixer_step`, the
-  same block fused into one Pallas kernel (`Config.kernel`).
+  The mixer block is `kernels.mixer_step_xla` (the jnp reference `kernels.mixer_step_ref`
+  on sequence-major activations, with a hand-written backward), or `kernels.mixer_step`,
+  the same block fused into one Pallas kernel (`Config.kernel`).
 - Faithful to the official PyTorch code (SamsungSAILMontreal/TinyRecursiveModels @ e7b6871):
   same inits, widths, norms, puzzle-embedding prefix and loss; tests/test_model.py checks
   logits, losses and every gradient against arrays produced by that code.
@@ -125,6 +126,10 @@ class Config:
     def dtype(self):
         return DTYPES[self.forward_dtype]
 
+    @property
+    def seq_major(self) -> bool:  # the recursion runs on (L, B, D) (kernels.mixer_step_xla)
+        return self.mlp_t and self.kernel == "xla"
+
     @classmethod
     def from_reference(cls, arch: dict, **overrides) -> "Config":
         """Config from the reference's arch dict (or a whole all_config.yaml dict)."""
@@ -237,13 +242,14 @@ def attention(w, cfg: Config, h_BxLxD, rope):
 
 def block(w, cfg: Config, h_BxLxD, injection, rope):
     """One post-norm block on h (+ the injection, when given): sequence mixing (an MLP over
-    L, or attention), then a channel MLP, each with a residual and an RMSNorm."""
-    if cfg.mlp_t:  # the MLP-mixer block: the jnp reference, or the same block fused in Pallas
+    L, or attention), then a channel MLP, each with a residual and an RMSNorm. With
+    `cfg.seq_major`, h and the injection are (L, B, D)."""
+    if cfg.mlp_t:  # the MLP-mixer block (kernels.mixer_step_ref), in XLA or fused in Pallas
         if cfg.kernel == "pallas":
             return kernels.mixer_step(
                 h_BxLxD, w, injection, eps=cfg.rms_norm_eps, interpret=cfg.interpret
             )
-        return kernels.mixer_step_ref(h_BxLxD, w, injection, eps=cfg.rms_norm_eps)
+        return kernels.mixer_step_xla(h_BxLxD, w, injection, eps=cfg.rms_norm_eps)
     if injection is not None:
         h_BxLxD = h_BxLxD + injection
     h_BxLxD = rms_norm(h_BxLxD + attention(w, cfg, h_BxLxD, rope), cfg.rms_norm_eps)
@@ -258,8 +264,16 @@ def net(params, cfg: Config, h, injection, rope):
     return h
 
 
+def recursion_layout(cfg: Config, *arrays):
+    """(B, L, D) arrays in the layout the recursion runs on, and back: with `cfg.seq_major`
+    (the XLA mixer path) that is (L, B, D), so that no block transposes its activations;
+    otherwise they are returned as they are."""
+    return tuple(a.swapaxes(0, 1) for a in arrays) if cfg.seq_major else arrays
+
+
 def latent_recursion(params, cfg: Config, x, y, z, rope):
-    """Paper: n times z <- net(x, y, z), then y <- net(y, z). x is not injected into y."""
+    """Paper: n times z <- net(x, y, z), then y <- net(y, z). x is not injected into y.
+    x, y, z (and the results) are in `recursion_layout`."""
     y_plus_x = y + x
     z = jax.lax.fori_loop(0, cfg.n, lambda _, z: net(params, cfg, z, y_plus_x, rope), z)
     y = net(params, cfg, y, z, rope)
@@ -294,7 +308,9 @@ def recurse(params, cfg: Config, y, z, data):
     """One supervision step of the model on the rows' data: new (y, z), logits, q logits."""
     rope = rope_tables(cfg) if cfg.pos_encodings == "rope" and not cfg.mlp_t else None
     x = embed_input(params, cfg, data["inputs"], data["puzzle_identifiers"])
-    y, z = deep_recursion(params, cfg, x, y, z, rope)
+    y, z = recursion_layout(
+        cfg, *deep_recursion(params, cfg, *recursion_layout(cfg, x, y, z), rope)
+    )
     logits_BxSxV = y[:, cfg.P :] @ params["lm_head"].astype(cfg.dtype)  # the head reads y
     q = (
         y[:, 0] @ params["q_head"]["w"].astype(cfg.dtype)

@@ -373,6 +373,10 @@ def make_steps(
         out_specs=(whole, (rows, whole)),
     )
     def loss_dp(params, carry, batch, min_steps):
+        # Marked as varying over devices up front, so that the weight gradients stay
+        # per-device through the model (hand-written VJPs included) and are summed over
+        # devices once, here at the boundary, rather than at every use of a weight.
+        params = jax.tree.map(lambda p: jax.lax.pcast(p, "data", to="varying"), params)
         loss, (carry, metrics, _) = model.loss_fn(
             params, cfg, carry, batch, min_steps, train=True, global_batch_size=global_batch_size
         )

@@ -1,5 +1,5 @@
-"""kernels.py: the fused mixer kernel (Pallas interpreter) against its jnp reference,
-forward and backward, its lowering for TPU, and training with it."""
+"""kernels.py: the fused mixer kernel (Pallas interpreter) and the XLA path against their jnp
+reference, forward and backward, the kernel's lowering for TPU, and training with it."""
 
 import json
 import re
@@ -218,3 +218,36 @@ def test_kernel_flag_mistakes(tmp_path, args, message):
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert re.search(message, out.stderr), out.stderr[-2000:]
+
+
+def xla_path(x, w, inj):  # kernels.mixer_step_xla on the batch-major inputs of the tests
+    seq = [None if a is None else a.swapaxes(0, 1) for a in (x, inj)]
+    return kernels.mixer_step_xla(seq[0], w, seq[1]).swapaxes(0, 1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("B,L,D,injection", [(3, 97, 512, True), (5, 13, 32, False)])
+def test_xla_path_matches_the_reference(B, L, D, injection, dtype):
+    """The sequence-major XLA block and its hand-written backward against the reference's
+    forward and autodiff."""
+    x, w, inj = block_inputs(B, L, D, dtype)
+    inj = inj if injection else None
+    ct = jax.random.normal(jax.random.key(9), x.shape).astype(dtype)
+
+    def loss(f):
+        return lambda x, w, i: jnp.vdot(f(x, w, i).astype(jnp.float32), ct.astype(jnp.float32))
+
+    out = xla_path(x, w, inj)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert_errors(out, kernels.mixer_step_ref(x, w, inj), dtype, f"B={B} L={L} D={D}")
+    args = (0, 1, 2) if injection else (0, 1)
+    grads = jax.grad(loss(xla_path), argnums=args)(x, w, inj)
+    ref_grads = jax.grad(loss(kernels.mixer_step_ref), argnums=args)(x, w, inj)
+    for (path, g), r in zip(
+        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads), strict=True
+    ):
+        assert g.dtype == r.dtype, jax.tree_util.keystr(path)
+        scale = float(jnp.abs(r.astype(jnp.float32)).max())
+        assert_errors(g / scale, r / scale, dtype, f"grad {jax.tree_util.keystr(path)}")
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.mixer_step_xla(x.swapaxes(0, 1)[:, :, :8], w)

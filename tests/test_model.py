@@ -193,11 +193,13 @@ def test_no_gradient_reaches_the_first_T_minus_1_cycles():
     cfg = tiny(T=3)
     params = model.init_params(jax.random.key(1), cfg)
     batch = batch_of(jax.random.key(2))
-    y0 = jnp.broadcast_to(params["H_init"], (4, cfg.L, cfg.D))
-    z0 = jnp.broadcast_to(params["L_init"], (4, cfg.L, cfg.D))
+    y0, z0 = model.recursion_layout(  # the recursion's layout: (L, B, D) on the XLA mixer path
+        cfg, *(jnp.broadcast_to(params[k], (4, cfg.L, cfg.D)) for k in ("H_init", "L_init"))
+    )
 
     def x_of(p):
-        return model.embed_input(p, cfg, batch["inputs"], batch["puzzle_identifiers"])
+        x = model.embed_input(p, cfg, batch["inputs"], batch["puzzle_identifiers"])
+        return model.recursion_layout(cfg, x)[0]
 
     probe = jax.random.normal(jax.random.key(3), y0.shape)  # a generic linear read-out of y
 
