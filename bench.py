@@ -41,7 +41,9 @@ import model
 import train
 
 _STEPS = flags.DEFINE_integer("steps", 5, "timed steps (median reported)")
-_WARMUP = flags.DEFINE_integer("warmup", 1, "untimed steps after compilation")
+_WARMUP = flags.DEFINE_integer(
+    "warmup", 2, "untimed steps after compilation (host memory settles after two)"
+)
 _JSON = flags.DEFINE_bool("json", False, "print one JSON object as the last line")
 _TABLE = flags.DEFINE_bool("table", False, "one row per dtype x batch x devices x kernel")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "--table: forward dtypes")
@@ -359,6 +361,8 @@ def weak_scaling(counts, per_device_batch):
 
 def main(argv):
     del argv
+    if train._RETAIN_HOST_MEMORY.value:  # as train.py does; --noretain_host_memory to compare
+        train.retain_host_memory()
     if _TORCH_REF.value:
         result = side_by_side(train.model_config(SUDOKU_META), train._GLOBAL_BATCH_SIZE.value)
         if _JSON.value:
