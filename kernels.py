@@ -310,10 +310,10 @@ def mixer_step_ref(x_BxLxD, weights, injection_BxLxD=None, *, eps=1e-5):
 # The same block as `mixer_step_ref`, laid out for XLA's matmul libraries:
 #
 # Layout. Activations are sequence-major, (L, B, D). Mixing over L is then one plain matmul,
-# Wtok^T (2Ft, L) @ h (L, B*D), and mixing over D another, h (L*B, D) @ W (D, 2F): no
+# Wtok^T (2Ft, L) @ h (L, B*D), and mixing over D another, h (L*B, D) @ W (D, F): no
 # transposes of the activations anywhere (the reference's (B, D, L) view costs two per
 # block, and its (B*D, L) @ (L, 2Ft) runs at half the speed of the sequence-major form on
-# XLA:CPU). The gate and up halves of the token SwiGLU are two matmuls: (Ft, L) @ (L, B*D)
+# XLA:CPU). The gate and up halves of each SwiGLU are two matmuls: (Ft, L) @ (L, B*D)
 # twice is faster than (2Ft, L) @ (L, B*D) then a slice (the slice is a copy).
 #
 # Backward. Written by hand (`jax.custom_vjp`), from saved activations (the SwiGLU
@@ -363,9 +363,9 @@ def _mean(a, axis):
 
 def _transposed(w):
     """w.T, stored transposed. Left to itself, XLA:CPU folds the transpose into the matmul
-    that reads it, and such a matmul (over K = 256 here) was seen to round differently for
-    different widths of its right operand when several devices shared the process: the
-    token mixing of 8 devices x 2 rows then differed from 1 device x 16 rows
+    that reads it, and such a matmul (over K = Ft = 256 in the test) was seen to round
+    differently for different widths of its right operand when several devices shared the
+    process: the token mixing of 8 devices x 2 rows then differed from 1 device x 16 rows
     (tests/test_train.py). Stored transposed, the result is the same for every width. The
     barrier keeps XLA from folding it back; a (2Ft, L) copy per block costs nothing."""
     return jax.lax.optimization_barrier(w.T)
@@ -392,11 +392,15 @@ def _xla_forward(x, injection, weights, eps):
     scale2 = _rms_scale(s2, -1, eps)
     out = (s2 * scale2).astype(dtype).reshape(L, B, D)
     saved = (h0, gate, up, act, s1, scale1, h1, gate2, up2, act2, s2, scale2)
-    return out, (saved, weights, injection is None)
+    # Zero-size slices of x and the injection: their types (dtype, the mesh axes they vary
+    # over) for the input cotangents, at no cost in memory.
+    inputs_like = (x[:0], None if injection is None else injection[:0])
+    return out, (saved, weights, inputs_like)
 
 
 def _xla_backward(eps, residuals, d_out):
-    (h0, gate, up, act, s1, scale1, h1, gate2, up2, act2, s2, scale2), weights, no_inj = residuals
+    saved, weights, (x_like, injection_like) = residuals
+    h0, gate, up, act, s1, scale1, h1, gate2, up2, act2, s2, scale2 = saved
     L, B, D = d_out.shape
     dtype = d_out.dtype
     w = {k: v.astype(dtype) for k, v in weights.items()}
@@ -413,14 +417,15 @@ def _xla_backward(eps, residuals, d_out):
     d_h0 = d_s1.astype(jnp.float32) + jnp.dot(w["token_gate_up"], d_gate_up).astype(jnp.float32)
     grads["token_down"] = jnp.dot(act, d_s1.T)
     grads["token_gate_up"] = jnp.dot(h0, d_gate_up.T)
-    d_x = d_h0.astype(dtype).reshape(L, B, D)
+    d_h0 = d_h0.reshape(L, B, D)
+    d_inj = None if injection_like is None else _cotangent_like(d_h0, injection_like)
     grads = {k: _cotangent_like(v, weights[k]) for k, v in grads.items()}
-    return d_x, None if no_inj else d_x, grads
+    return _cotangent_like(d_h0, x_like), d_inj, grads
 
 
 def _cotangent_like(grad, primal):
     """grad in primal's dtype; under shard_map, summed over the mesh axes along which it
-    varies and primal does not (the weights are replicated, their per-device gradients are
+    varies and primal does not (e.g. replicated weights, whose per-device gradients are
     not): what autodiff does for the implicit broadcast of a replicated input."""
     extra = tuple(jax.typeof(grad).mat.varying - jax.typeof(primal).mat.varying)
     return (jax.lax.psum(grad, extra) if extra else grad).astype(primal.dtype)

@@ -178,7 +178,7 @@ def retain_host_memory() -> bool:
         return False
     M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX, M_ARENA_MAX = -1, -2, -4, -8  # <malloc.h>
     settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1), (M_TOP_PAD, 2**30))
-    return all(mallopt(option, value) == 1 for option, value in settings)
+    return all([mallopt(option, value) == 1 for option, value in settings])  # each one tried
 
 
 def kernel_choice() -> str:

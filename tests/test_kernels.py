@@ -1,6 +1,7 @@
 """kernels.py: the fused mixer kernel (Pallas interpreter) and the XLA path against their jnp
 reference, forward and backward, the kernel's lowering for TPU, and training with it."""
 
+import functools
 import json
 import re
 import subprocess
@@ -251,3 +252,35 @@ def test_xla_path_matches_the_reference(B, L, D, injection, dtype):
         assert_errors(g / scale, r / scale, dtype, f"grad {jax.tree_util.keystr(path)}")
     with pytest.raises(ValueError, match="do not fit"):
         kernels.mixer_step_xla(x.swapaxes(0, 1)[:, :, :8], w)
+
+
+@pytest.mark.parametrize("varying", ["x", "weights"])
+def test_xla_path_gradients_under_shard_map(varying):
+    """Inside shard_map on 2 devices, with either the activations or the weights varying
+    over the devices and the other replicated, the hand-written backward gives the
+    reference's gradients, in the primals' types (summed over devices where replicated)."""
+    x, w, inj = block_inputs(4, 13, 32, jnp.float32)
+    ct = jax.random.normal(jax.random.key(7), x.shape)
+    mesh = jax.make_mesh((2,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
+    spec = jax.sharding.PartitionSpec()
+
+    def loss(block, x, w, inj):
+        if varying == "weights":
+            w = jax.tree.map(lambda p: jax.lax.pcast(p, "d", to="varying"), w)
+        else:
+            x = jax.lax.pcast(x, "d", to="varying")
+        return jax.lax.psum(jnp.vdot(block(x, w, inj), ct), "d")  # each device: the whole loss
+
+    def grads(block):
+        per_device = jax.grad(functools.partial(loss, block), argnums=(0, 1, 2))
+        return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=spec, out_specs=spec))(
+            x, w, inj
+        )
+
+    got, want = grads(xla_path), grads(kernels.mixer_step_ref)
+    for (path, g), r in zip(
+        jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True
+    ):
+        assert g.dtype == r.dtype, jax.tree_util.keystr(path)
+        scale = float(jnp.abs(r).max())
+        assert_errors(g / scale, r / scale, jnp.float32, f"grad {jax.tree_util.keystr(path)}")
