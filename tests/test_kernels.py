@@ -38,6 +38,22 @@ def assert_errors(actual, expected, dtype, what):
     )
 
 
+def assert_grads_match(grads, ref_grads, dtype):
+    """Same dtypes, and errors within TOL[dtype] relative to each reference gradient's
+    largest entry (weight gradients sum over B*L*D)."""
+    for (path, g), r in zip(
+        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads), strict=True
+    ):
+        assert g.dtype == r.dtype, jax.tree_util.keystr(path)
+        scale = float(jnp.abs(r.astype(jnp.float32)).max())
+        assert_errors(g / scale, r / scale, dtype, f"grad {jax.tree_util.keystr(path)}")
+
+
+def probe_loss(block, ct):
+    """A loss reading every output of `block(x, w, inj)`: its float32 dot with `ct`."""
+    return lambda x, w, i: jnp.vdot(block(x, w, i).astype(jnp.float32), ct.astype(jnp.float32))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize(
     "B,L,D,injection",
@@ -57,22 +73,13 @@ def test_forward_matches_the_reference(B, L, D, injection, dtype):
 def test_gradients_match_the_reference(B, L, D, dtype):
     x, w, inj = block_inputs(B, L, D, dtype)
     ct = jax.random.normal(jax.random.key(9), x.shape).astype(dtype)
-
-    def loss(f):
-        return lambda x, w, i: jnp.vdot(f(x, w, i).astype(jnp.float32), ct.astype(jnp.float32))
-
-    fused = loss(lambda x, w, i: kernels.mixer_step(x, w, i, interpret=True))
+    fused = probe_loss(lambda x, w, i: kernels.mixer_step(x, w, i, interpret=True), ct)
     value, grads = jax.value_and_grad(fused, argnums=(0, 1, 2))(x, w, inj)
-    ref_value, ref_grads = jax.value_and_grad(loss(kernels.mixer_step_ref), argnums=(0, 1, 2))(
-        x, w, inj
-    )
+    ref_value, ref_grads = jax.value_and_grad(
+        probe_loss(kernels.mixer_step_ref, ct), argnums=(0, 1, 2)
+    )(x, w, inj)
     assert_close(value, ref_value, 0, 1e-4 if dtype == jnp.float32 else 2e-2, what="value")
-    for (path, g), r in zip(
-        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads), strict=True
-    ):
-        assert g.dtype == r.dtype, jax.tree_util.keystr(path)
-        scale = float(jnp.abs(r.astype(jnp.float32)).max())  # weight grads sum over B*L*D
-        assert_errors(g / scale, r / scale, dtype, f"grad {jax.tree_util.keystr(path)}")
+    assert_grads_match(grads, ref_grads, dtype)
 
 
 def test_explicit_block_sizes_and_their_validation():
@@ -235,21 +242,13 @@ def test_xla_path_matches_the_reference(B, L, D, injection, dtype):
     inj = inj if injection else None
     ct = jax.random.normal(jax.random.key(9), x.shape).astype(dtype)
 
-    def loss(f):
-        return lambda x, w, i: jnp.vdot(f(x, w, i).astype(jnp.float32), ct.astype(jnp.float32))
-
     out = xla_path(x, w, inj)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert_errors(out, kernels.mixer_step_ref(x, w, inj), dtype, f"B={B} L={L} D={D}")
     args = (0, 1, 2) if injection else (0, 1)
-    grads = jax.grad(loss(xla_path), argnums=args)(x, w, inj)
-    ref_grads = jax.grad(loss(kernels.mixer_step_ref), argnums=args)(x, w, inj)
-    for (path, g), r in zip(
-        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads), strict=True
-    ):
-        assert g.dtype == r.dtype, jax.tree_util.keystr(path)
-        scale = float(jnp.abs(r.astype(jnp.float32)).max())
-        assert_errors(g / scale, r / scale, dtype, f"grad {jax.tree_util.keystr(path)}")
+    grads = jax.grad(probe_loss(xla_path, ct), argnums=args)(x, w, inj)
+    ref_grads = jax.grad(probe_loss(kernels.mixer_step_ref, ct), argnums=args)(x, w, inj)
+    assert_grads_match(grads, ref_grads, dtype)
     with pytest.raises(ValueError, match="do not fit"):
         kernels.mixer_step_xla(x.swapaxes(0, 1)[:, :, :8], w)
 
@@ -278,9 +277,4 @@ def test_xla_path_gradients_under_shard_map(varying):
         )
 
     got, want = grads(xla_path), grads(kernels.mixer_step_ref)
-    for (path, g), r in zip(
-        jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True
-    ):
-        assert g.dtype == r.dtype, jax.tree_util.keystr(path)
-        scale = float(jnp.abs(r).max())
-        assert_errors(g / scale, r / scale, jnp.float32, f"grad {jax.tree_util.keystr(path)}")
+    assert_grads_match(got, want, jnp.float32)
