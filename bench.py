@@ -20,12 +20,15 @@ For Sudoku-MLP (L=97, D=512, Ft=512, F=1536, T=3, n=6, 2 layers): 42.7 GFLOP per
 train step. tests/test_tools.py checks the formula against XLA's cost analysis.
 
 MFU = achieved model FLOP/s / peak, where the peak is measured here: the median rate of a
-large jnp matmul in the same dtype on one device. Timings are medians over --steps steps
-after warm-up (compilation is timed separately), on a fixed synthetic batch. The data
-pipeline is timed alone (`data_batches_per_s`): it must be far above the step rate.
+large jnp matmul in the same dtype on one device, accumulated in float32 (for bfloat16 on
+XLA:CPU that is the form that reaches its bfloat16 kernels; see kernels.dot). Timings are
+medians over --steps steps after warm-up (compilation is timed separately), on a fixed
+synthetic batch. The data pipeline is timed alone (`data_batches_per_s`): it must be far
+above the step rate.
 """
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -33,6 +36,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -42,7 +46,7 @@ import train
 
 _STEPS = flags.DEFINE_integer("steps", 5, "timed steps (median reported)")
 _WARMUP = flags.DEFINE_integer(
-    "warmup", 2, "untimed steps after compilation (host memory settles after two)"
+    "warmup", 4, "untimed steps after compilation (host memory settles in the first few)"
 )
 _JSON = flags.DEFINE_bool("json", False, "print one JSON object as the last line")
 _TABLE = flags.DEFINE_bool("table", False, "one row per dtype x batch x devices x kernel")
@@ -104,11 +108,12 @@ def median_time(fn, steps, warmup):
 
 
 def matmul_peak(dtype, n=None, steps=5):
-    """FLOP/s of an n x n x n jnp matmul in `dtype` on one device: the machine's peak as XLA
-    reaches it (n: 2048 on CPU, 8192 on accelerators)."""
+    """FLOP/s of an n x n x n jnp matmul in `dtype` on one device, accumulated and returned
+    in float32 as the model's matmuls are (`kernels.dot`): the machine's peak as XLA reaches
+    it (n: 2048 on CPU, 8192 on accelerators)."""
     n = n or (2048 if jax.default_backend() == "cpu" else 8192)
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    f = jax.jit(lambda a: a @ a)
+    f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
     return 2 * n**3 / median_time(lambda: f(a).block_until_ready(), steps, warmup=1)
 
 
@@ -261,21 +266,56 @@ def torch_train_step(path, cfg, B):
     return step
 
 
+def _torch_worker(conn, path, cfg, B):
+    """The official code's train step in a process of its own (spawned): `conn` receives a
+    step count, answers with that many step times; 0 ends it."""
+    step = torch_train_step(path, cfg, B)
+    step()  # warm-up
+    conn.send(sys.modules["torch"].__version__)
+    while n := conn.recv():
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        conn.send(times)
+
+
 def side_by_side(cfg, B):
-    """Ours and the official code's train step, alternated (the machine is noisy)."""
-    ours, ref = ours_train_step(cfg, B), torch_train_step(_TORCH_REF.value, cfg, B)
-    ours(), ref()  # warm-up (our compilation)
-    times = {"trmx": [], "torch": []}
-    for _ in range(_ROUNDS.value):
-        for name, fn in (("trmx", ours), ("torch", ref)):
-            times[name].append(median_time(fn, _STEPS.value, 0))
+    """Ours and the official code's train step, alternated (the machine is noisy). Each runs
+    in its own process, as each would in use, so that neither's allocations or threads
+    disturb the other (in one process our step times were less steady). Ours warms up
+    --warmup steps first: XLA:CPU's scratch heap still grows once or twice in the first few
+    steps (train.retain_host_memory), and a round that catches that step reads slow."""
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that runs XLA
+    conn, child_conn = ctx.Pipe()
+    worker = ctx.Process(target=_torch_worker, args=(child_conn, _TORCH_REF.value, cfg, B))
+    worker.start()
+    try:
+        try:
+            torch_version = conn.recv()  # once the worker has warmed up
+        except EOFError:
+            raise SystemExit("--torch_ref: the official code's process failed (above)") from None
+        ours = ours_train_step(cfg, B)
+        for _ in range(1 + _WARMUP.value):  # compilation, then host memory settling
+            ours()
+        times = {"trmx": [], "torch": []}
+        for _ in range(_ROUNDS.value):
+            times["trmx"].append(median_time(ours, _STEPS.value, 0))
+            conn.send(_STEPS.value)
+            times["torch"].append(float(np.median(conn.recv())))
+        conn.send(0)
+    finally:
+        worker.join(timeout=60)
+        if worker.is_alive():
+            worker.kill()
     result = {f"{k}_examples_per_s": B / float(np.median(v)) for k, v in times.items()}
     result["speedup"] = result["trmx_examples_per_s"] / result["torch_examples_per_s"]
     print(
         f"{cfg.forward_dtype}, batch {B}: trmx {result['trmx_examples_per_s']:.2f} examples/s, "
         f"official PyTorch code {result['torch_examples_per_s']:.2f} examples/s -> "
         f"{result['speedup']:.2f}x (medians of {_ROUNDS.value} alternating rounds x "
-        f"{_STEPS.value} steps, torch {__import__('torch').__version__} with "
+        f"{_STEPS.value} steps, each in its own process; torch {torch_version} with "
         f"{os.cpu_count()} threads)"
     )
     return result

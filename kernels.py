@@ -314,15 +314,32 @@ def mixer_step_ref(x_BxLxD, weights, injection_BxLxD=None, *, eps=1e-5):
 # transposes of the activations anywhere (the reference's (B, D, L) view costs two per
 # block, and its (B*D, L) @ (L, 2Ft) runs at half the speed of the sequence-major form on
 # XLA:CPU). The gate and up halves of each SwiGLU are two matmuls: (Ft, L) @ (L, B*D)
-# twice is faster than (2Ft, L) @ (L, B*D) then a slice (the slice is a copy).
+# twice was faster in float32 than (2Ft, L) @ (L, B*D) then a slice (the slice is a copy).
+#
+# bfloat16. Matmuls take bfloat16 operands and accumulate and return float32 (`dot`), in
+# the plain (M, K) @ (K, N) form (`_t`): that is what reaches XLA:CPU's bfloat16 (AMX)
+# kernels, 8x its float32 rate on the project's CPU. Results that feed only elementwise
+# math (the SwiGLU halves, the pre-norm sums) stay float32; what feeds a matmul or leaves
+# the block is rounded to bfloat16 once. The reference rounds every matmul output to
+# bfloat16, so this path is, if anything, more precise.
 #
 # Backward. Written by hand (`jax.custom_vjp`), from saved activations (the SwiGLU
 # pre-activations, the products fed to the down projections, the pre-norm sums): the
-# SwiGLU and RMSNorm derivatives are computed in float32 in one elementwise pass each, the
-# gate and up gradients are concatenated so that each weight gradient and each input
-# gradient is one matmul.
+# SwiGLU and RMSNorm derivatives are computed in float32 in one elementwise pass each; in
+# the token mixing the gate and up gradients are concatenated (rows, which XLA fuses into
+# that pass) so that its weight gradient and input gradient are one matmul each.
 #
 # Measured on the project's CPU (`python bench.py`; README, Speed on CPU).
+
+
+def dot(a, b, dtype=None):
+    """a @ b (2-D) accumulated in float32, the result rounded to `dtype` (a's by default).
+
+    For bfloat16 operands this is what XLA computes for a plain bfloat16 `a @ b` anyway, but
+    not how fast: XLA:CPU rewrites a bfloat16 -> bfloat16 matmul into a float32 one (210
+    GFLOP/s for 2048^3 on the project's CPU), while bfloat16 -> float32 goes to YNNPACK's
+    AMX kernels (1750 GFLOP/s on the same machine). In float32 it is a plain matmul."""
+    return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype or a.dtype)
 
 
 def _silu_glu(gate, up, dtype):
@@ -361,34 +378,45 @@ def _mean(a, axis):
     return jnp.mean(a, axis, keepdims=True)
 
 
-def _transposed(w):
-    """w.T, stored transposed. Left to itself, XLA:CPU folds the transpose into the matmul
-    that reads it, and such a matmul (over K = Ft = 256 in the test) was seen to round
-    differently for different widths of its right operand when several devices shared the
-    process: the token mixing of 8 devices x 2 rows then differed from 1 device x 16 rows
-    (tests/test_train.py). Stored transposed, the result is the same for every width. The
-    barrier keeps XLA from folding it back; a (2Ft, L) copy per block costs nothing."""
-    return jax.lax.optimization_barrier(w.T)
+def _t(a, dtype, barrier=False):
+    """a.T (2-D), for matmuls whose operands are `dtype`.
+
+    float32: the plain transpose, which XLA folds into the matmul that reads it (fastest);
+    behind a barrier if `barrier`: a token-mixing weight whose transpose was folded into
+    its matmul was seen to round differently for different widths of the other operand
+    when several devices shared the process (the token mixing of 8 devices x 2 rows then
+    differed from 1 device x 16 rows: tests/test_train.py).
+
+    bfloat16: materialised row-major, so that the matmul is a plain (M, K) @ (K, N), the
+    only form YNNPACK's bfloat16 kernels take (see `dot`): XLA upcasts any other to float32
+    first, at an eighth of the speed. The barriers keep XLA from folding the transpose into
+    the matmul that reads it or the one that made `a`; the reshape gives the result a
+    row-major layout (a transpose's own is column-major, which also sends it to float32)."""
+    if dtype != jnp.bfloat16:
+        return jax.lax.optimization_barrier(a.T) if barrier else a.T
+    a_t = jax.lax.optimization_barrier(a).T
+    return jax.lax.optimization_barrier(a_t.reshape(1, *a_t.shape))[0]
 
 
 def _xla_forward(x, injection, weights, eps):
     L, B, D = x.shape
-    dtype = x.dtype
+    dtype, f32 = x.dtype, jnp.float32
     w = {k: v.astype(dtype) for k, v in weights.items()}  # as the reference casts them
     Ft, F = w["token_down"].shape[0], w["down"].shape[0]
     h0 = (x if injection is None else x + injection).reshape(L, B * D)
-    # Mixing over L: a SwiGLU on the columns of h0, a residual, an RMSNorm over L.
-    gate_up_t, down_t = _transposed(w["token_gate_up"]), _transposed(w["token_down"])
-    gate = jnp.dot(gate_up_t[:Ft], h0)  # (Ft, B*D)
-    up = jnp.dot(gate_up_t[Ft:], h0)
+    # Mixing over L: a SwiGLU on the columns of h0, a residual, an RMSNorm over L. What
+    # feeds only elementwise math (the SwiGLU halves, the pre-norm sums) stays float32.
+    gate_up_t, down_t = _t(w["token_gate_up"], dtype, True), _t(w["token_down"], dtype, True)
+    gate = dot(gate_up_t[:Ft], h0, f32)  # (Ft, B*D)
+    up = dot(gate_up_t[Ft:], h0, f32)
     act = _silu_glu(gate, up, dtype)
-    s1 = h0 + jnp.dot(down_t, act)  # (L, B*D)
+    s1 = h0 + dot(down_t, act, f32)  # (L, B*D)
     scale1 = _rms_scale(s1, 0, eps)
     h1 = (s1 * scale1).astype(dtype).reshape(L * B, D)
     # Mixing over D: a SwiGLU on the rows of h1, a residual, an RMSNorm over D.
-    gate2, up2 = h1 @ w["gate_up"][:, :F], h1 @ w["gate_up"][:, F:]  # (L*B, F)
-    act2 = _silu_glu(gate2, up2, dtype)
-    s2 = h1 + act2 @ w["down"]  # (L*B, D)
+    gate2, up2 = dot(h1, w["gate_up"][:, :F], f32), dot(h1, w["gate_up"][:, F:], f32)
+    act2 = _silu_glu(gate2, up2, dtype)  # (L*B, F)
+    s2 = h1 + dot(act2, w["down"], f32)  # (L*B, D)
     scale2 = _rms_scale(s2, -1, eps)
     out = (s2 * scale2).astype(dtype).reshape(L, B, D)
     saved = (h0, gate, up, act, s1, scale1, h1, gate2, up2, act2, s2, scale2)
@@ -402,21 +430,31 @@ def _xla_backward(eps, residuals, d_out):
     saved, weights, (x_like, injection_like) = residuals
     h0, gate, up, act, s1, scale1, h1, gate2, up2, act2, s2, scale2 = saved
     L, B, D = d_out.shape
-    dtype = d_out.dtype
+    dtype, f32 = d_out.dtype, jnp.float32
     w = {k: v.astype(dtype) for k, v in weights.items()}
-    # Mixing over D, backwards.
-    d_s2 = _rms_norm_grad(d_out.reshape(L * B, D), s2, scale2, -1).astype(dtype)
-    d_gate2, d_up2 = _silu_glu_grad(d_s2 @ w["down"].T, gate2, up2)
-    d_gate_up2 = jnp.concatenate([d_gate2, d_up2], -1).astype(dtype)  # (L*B, 2F)
-    d_h1 = d_s2.astype(jnp.float32) + (d_gate_up2 @ w["gate_up"].T).astype(jnp.float32)
-    grads = {"down": act2.T @ d_s2, "gate_up": h1.T @ d_gate_up2}
+    F = w["down"].shape[0]
+    # Mixing over D, backwards. Gradients are float32 but for matmul operands (`dtype`).
+    d_s2 = _rms_norm_grad(d_out.reshape(L * B, D), s2, scale2, -1)
+    d_s2_lo = d_s2.astype(dtype)
+    d_gate2, d_up2 = _silu_glu_grad(dot(d_s2_lo, _t(w["down"], dtype), f32), gate2, up2)
+    d_gate2, d_up2 = d_gate2.astype(dtype), d_up2.astype(dtype)  # (L*B, F) each
+    # Two matmuls per product, not one on [d_gate2 | d_up2]: XLA:CPU did not fuse that
+    # concatenation along the last axis into the pass that makes its halves.
+    w_gate_t, w_up_t = _t(w["gate_up"][:, :F], dtype), _t(w["gate_up"][:, F:], dtype)
+    d_h1 = d_s2 + dot(d_gate2, w_gate_t, f32) + dot(d_up2, w_up_t, f32)
+    h1_t = _t(h1, dtype)
+    grads = {
+        "down": _t(dot(_t(d_s2_lo, dtype), act2, f32), dtype),
+        "gate_up": jnp.concatenate([dot(h1_t, d_gate2, f32), dot(h1_t, d_up2, f32)], -1),
+    }
     # Mixing over L, backwards.
-    d_s1 = _rms_norm_grad(d_h1.reshape(L, B * D), s1, scale1, 0).astype(dtype)
-    d_gate, d_up = _silu_glu_grad(jnp.dot(w["token_down"], d_s1), gate, up)
+    d_s1 = _rms_norm_grad(d_h1.reshape(L, B * D), s1, scale1, 0)
+    d_s1_lo = d_s1.astype(dtype)
+    d_gate, d_up = _silu_glu_grad(dot(w["token_down"], d_s1_lo, f32), gate, up)
     d_gate_up = jnp.concatenate([d_gate, d_up], 0).astype(dtype)  # (2Ft, B*D)
-    d_h0 = d_s1.astype(jnp.float32) + jnp.dot(w["token_gate_up"], d_gate_up).astype(jnp.float32)
-    grads["token_down"] = jnp.dot(act, d_s1.T)
-    grads["token_gate_up"] = jnp.dot(h0, d_gate_up.T)
+    d_h0 = d_s1 + dot(w["token_gate_up"], d_gate_up, f32)
+    grads["token_down"] = dot(act, _t(d_s1_lo, dtype), f32)
+    grads["token_gate_up"] = _t(dot(d_gate_up, _t(h0, dtype), f32), dtype)
     d_h0 = d_h0.reshape(L, B, D)
     d_inj = None if injection_like is None else _cotangent_like(d_h0, injection_like)
     grads = {k: _cotangent_like(v, weights[k]) for k, v in grads.items()}

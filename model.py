@@ -271,11 +271,13 @@ def recursion_layout(cfg: Config, *arrays):
     return tuple(a.swapaxes(0, 1) for a in arrays) if cfg.seq_major else arrays
 
 
-def latent_recursion(params, cfg: Config, x, y, z, rope):
+def latent_recursion(params, cfg: Config, x, y, z, rope, unroll=1):
     """Paper: n times z <- net(x, y, z), then y <- net(y, z). x is not injected into y.
-    x, y, z (and the results) are in `recursion_layout`."""
+    x, y, z (and the results) are in `recursion_layout`. `unroll` as for `fori_loop`."""
     y_plus_x = y + x
-    z = jax.lax.fori_loop(0, cfg.n, lambda _, z: net(params, cfg, z, y_plus_x, rope), z)
+    z = jax.lax.fori_loop(
+        0, cfg.n, lambda _, z: net(params, cfg, z, y_plus_x, rope), z, unroll=unroll
+    )
     y = net(params, cfg, y, z, rope)
     return y, z
 
@@ -288,7 +290,10 @@ def deep_recursion(params, cfg: Config, x, y, z, rope):
     y, z = jax.lax.fori_loop(
         0, cfg.T - 1, lambda _, yz: latent_recursion(params_ng, cfg, x_ng, *yz, rope), yz
     )
-    return latent_recursion(params, cfg, x, y, z, rope)
+    # With gradient: unrolled, so each block's saved activations are buffers of their own
+    # rather than slices of stacked loop outputs that XLA writes and reads with extra copies
+    # (bfloat16 train step on CPU 2.9 -> 2.2 s; README, Speed on CPU).
+    return latent_recursion(params, cfg, x, y, z, rope, unroll=True)
 
 
 def embed_input(params, cfg: Config, inputs_BxS, puzzle_ids_B):

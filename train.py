@@ -170,8 +170,10 @@ def retain_host_memory() -> bool:
     every step page-faults 2.6 GiB back in (670k faults, ~2.7 s of kernel time per 7.6 s
     step here). Settings: one heap for all threads (per-thread arenas would still mmap
     large blocks), no mmap, never trim the heap, grow it 1 GiB at a time (so that small
-    blocks left at its top don't force a fresh region). Cost: the process keeps its peak
-    host memory until it exits (about two steps' scratch)."""
+    blocks left at its top don't force a fresh region). The heap still grows once or twice
+    in the first few steps (seen up to the sixth; that step faults its new pages in), then
+    stays put. Cost: the process keeps its peak host memory until it exits (about two
+    steps' scratch)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
