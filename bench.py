@@ -270,15 +270,24 @@ def _torch_worker(conn, path, cfg, B):
     """The official code's train step in a process of its own (spawned): `conn` receives a
     step count, answers with that many step times; 0 ends it."""
     step = torch_train_step(path, cfg, B)
-    step()  # warm-up
-    conn.send(sys.modules["torch"].__version__)
-    while n := conn.recv():
+    step()  # warm-up (one step: eager PyTorch has nothing to compile)
+    torch = sys.modules["torch"]
+    conn.send(f"{torch.__version__} with {torch.get_num_threads()} threads")
+    while n := _recv(conn):
         times = []
         for _ in range(n):
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
         conn.send(times)
+
+
+def _recv(conn):
+    """The next message, or 0 (stop) once the other end is closed."""
+    try:
+        return conn.recv()
+    except EOFError:
+        return 0
 
 
 def side_by_side(cfg, B):
@@ -291,6 +300,7 @@ def side_by_side(cfg, B):
     conn, child_conn = ctx.Pipe()
     worker = ctx.Process(target=_torch_worker, args=(child_conn, _TORCH_REF.value, cfg, B))
     worker.start()
+    child_conn.close()  # so that recv() here sees EOF if the worker dies
     try:
         try:
             torch_version = conn.recv()  # once the worker has warmed up
@@ -306,6 +316,7 @@ def side_by_side(cfg, B):
             times["torch"].append(float(np.median(conn.recv())))
         conn.send(0)
     finally:
+        conn.close()  # on any error here too: the worker's recv() then ends it
         worker.join(timeout=60)
         if worker.is_alive():
             worker.kill()
@@ -315,8 +326,7 @@ def side_by_side(cfg, B):
         f"{cfg.forward_dtype}, batch {B}: trmx {result['trmx_examples_per_s']:.2f} examples/s, "
         f"official PyTorch code {result['torch_examples_per_s']:.2f} examples/s -> "
         f"{result['speedup']:.2f}x (medians of {_ROUNDS.value} alternating rounds x "
-        f"{_STEPS.value} steps, each in its own process; torch {torch_version} with "
-        f"{os.cpu_count()} threads)"
+        f"{_STEPS.value} steps, each in its own process; torch {torch_version})"
     )
     return result
 

@@ -280,23 +280,35 @@ def test_xla_path_gradients_under_shard_map(varying):
     assert_grads_match(got, want, jnp.float32)
 
 
-def dot_operand_types(hlo_text):
-    """(output type, [operand types]) of every dot in an optimised HLO module's text."""
-    types = dict(re.findall(r"%(\S+) = (\w+)\[", hlo_text))
-    dots = re.findall(r"= (\w+)\[[^\]]*\]\S* dot\(%([^,]+), %([^)]+)\)", hlo_text)
-    return [(out, [types[a], types[b]]) for out, a, b in dots]
+def dots_of(hlo_text):
+    """(output shape, lhs shape, rhs shape, contracting dims) of every dot in an optimised HLO
+    module's text, shapes as written there (e.g. "bf16[32,13]{1,0}")."""
+    shapes = dict(re.findall(r"%(\S+) = (\w+\[[^\]]*\]\{[^}]*\})", hlo_text))
+    dots = re.findall(
+        r"= (\w+\[[^\]]*\]\{[^}]*\}) dot\(%([^,]+), %([^)]+)\), "
+        r"lhs_contracting_dims=\{(\d+)\}, rhs_contracting_dims=\{(\d+)\}",
+        hlo_text,
+    )
+    return [(out, shapes[a], shapes[b], (int(i), int(j))) for out, a, b, i, j in dots]
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's matmul libraries")
-def test_bf16_xla_path_matmuls_stay_bf16_on_cpu():
-    """In bfloat16, every matmul of the XLA block, forward and backward, reaches XLA:CPU's
-    bfloat16 kernels (bf16 x bf16 -> f32; 8x the float32 rate on the project's CPU): a
-    transposed or column-major operand, or a bf16 -> bf16 matmul, makes XLA upcast it to
-    float32 instead. The float32 matmuls left are the RMSNorm means (1 x L times L x B*D)."""
-    x, w, inj = block_inputs(2, 13, 32, jnp.bfloat16)
+@pytest.mark.parametrize("B,L,D", [(2, 13, 32), (2, 97, 512)])
+def test_bf16_xla_path_matmuls_stay_bf16_on_cpu(B, L, D):
+    """In bfloat16, every matmul of the XLA block, forward and backward, has the one form
+    XLA:CPU sends to its bfloat16 kernels (5-8x its float32 rate on the project's CPU):
+    bf16 x bf16 -> f32, row-major operands, (M, K) @ (K, N). A transposed operand, or a
+    bf16 -> bf16 matmul, makes XLA upcast it to float32 instead. The only float32 matmuls
+    left are the RMSNorm means over L, ones (1, L) @ (L, B*D). Compiled only: the values are
+    checked by test_xla_path_matches_the_reference."""
+    x, w, inj = block_inputs(B, L, D, jnp.bfloat16)
     ct = jax.random.normal(jax.random.key(9), x.shape).astype(jnp.bfloat16)
     grad = jax.jit(jax.grad(probe_loss(xla_path, ct), argnums=(0, 1, 2)))
-    dots = dot_operand_types(grad.lower(x, w, inj).compile().as_text())
-    means = [d for d in dots if d == ("f32", ["f32", "f32"])]  # one forward, one backward
-    assert len(means) == 2 and len(dots) == 18, dots  # 6 forward and 10 backward matmuls
-    assert all(d == ("f32", ["bf16", "bf16"]) for d in dots if d not in means), dots
+    dots = dots_of(grad.lower(x, w, inj).compile().as_text())
+    mean = (f"f32[1,{B * D}]{{1,0}}", f"f32[{L},1]{{1,0}}", f"f32[{L},{B * D}]{{1,0}}", (0, 0))
+    assert len(dots) == 18 and dots.count(mean) == 2, dots  # 16 block matmuls + 2 means
+    for out, lhs, rhs, contracting in (d for d in dots if d != mean):
+        assert out.startswith("f32[") and out.endswith("{1,0}"), (out, lhs, rhs)
+        assert lhs.startswith("bf16[") and rhs.startswith("bf16["), (out, lhs, rhs)
+        assert lhs.endswith("{1,0}") and rhs.endswith("{1,0}"), (out, lhs, rhs)
+        assert contracting == (1, 0), (out, lhs, rhs, contracting)
