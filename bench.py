@@ -302,10 +302,7 @@ def side_by_side(cfg, B):
     worker.start()
     child_conn.close()  # so that recv() here sees EOF if the worker dies
     try:
-        try:
-            torch_version = conn.recv()  # once the worker has warmed up
-        except EOFError:
-            raise SystemExit("--torch_ref: the official code's process failed (above)") from None
+        torch_version = conn.recv()  # once the worker has warmed up
         ours = ours_train_step(cfg, B)
         for _ in range(1 + _WARMUP.value):  # compilation, then host memory settling
             ours()
@@ -315,6 +312,8 @@ def side_by_side(cfg, B):
             conn.send(_STEPS.value)
             times["torch"].append(float(np.median(conn.recv())))
         conn.send(0)
+    except EOFError:  # the worker died: its traceback is above
+        raise SystemExit("--torch_ref: the official code's process failed (above)") from None
     finally:
         conn.close()  # on any error here too: the worker's recv() then ends it
         worker.join(timeout=60)
