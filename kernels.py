@@ -335,14 +335,15 @@ def mixer_step_ref(x_BxLxD, weights, injection_BxLxD=None, *, eps=1e-5):
 # Measured on the project's CPU (`python bench.py`; README, Speed on CPU).
 
 
-def dot(a, b, dtype=None):
-    """a @ b (2-D) accumulated in float32, the result rounded to `dtype` (a's by default).
+def dot(a, b):
+    """a @ b (2-D), accumulated and returned in float32.
 
-    For bfloat16 operands this is what XLA computes for a plain bfloat16 `a @ b` anyway, but
-    not how fast: XLA:CPU rewrites a bfloat16 -> bfloat16 matmul into a float32 one (210
-    GFLOP/s for 2048^3 on the project's CPU), while bfloat16 -> float32 goes to YNNPACK's
-    AMX kernels (1750 GFLOP/s on the same machine). In float32 it is a plain matmul."""
-    return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype or a.dtype)
+    For bfloat16 operands that is what XLA computes for a plain bfloat16 `a @ b` anyway
+    (then rounded), but not how fast: XLA:CPU rewrites a bfloat16 -> bfloat16 matmul into a
+    float32 one (210 GFLOP/s for 2048^3 on the project's CPU), while bfloat16 -> float32
+    goes to YNNPACK's AMX kernels (1750 GFLOP/s on the same machine). In float32 it is a
+    plain matmul."""
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
 def _silu_glu(gate, up, dtype):
@@ -404,23 +405,23 @@ def _t(a, dtype, barrier=False):
 
 def _xla_forward(x, injection, weights, eps):
     L, B, D = x.shape
-    dtype, f32 = x.dtype, jnp.float32
+    dtype = x.dtype
     w = {k: v.astype(dtype) for k, v in weights.items()}  # as the reference casts them
     Ft, F = w["token_down"].shape[0], w["down"].shape[0]
     h0 = (x if injection is None else x + injection).reshape(L, B * D)
     # Mixing over L: a SwiGLU on the columns of h0, a residual, an RMSNorm over L. What
     # feeds only elementwise math (the SwiGLU halves, the pre-norm sums) stays float32.
     gate_up_t, down_t = _t(w["token_gate_up"], dtype, True), _t(w["token_down"], dtype, True)
-    gate = dot(gate_up_t[:Ft], h0, f32)  # (Ft, B*D)
-    up = dot(gate_up_t[Ft:], h0, f32)
+    gate = dot(gate_up_t[:Ft], h0)  # (Ft, B*D)
+    up = dot(gate_up_t[Ft:], h0)
     act = _silu_glu(gate, up, dtype)
-    s1 = h0 + dot(down_t, act, f32)  # (L, B*D)
+    s1 = h0 + dot(down_t, act)  # (L, B*D)
     scale1 = _rms_scale(s1, 0, eps)
     h1 = (s1 * scale1).astype(dtype).reshape(L * B, D)
     # Mixing over D: a SwiGLU on the rows of h1, a residual, an RMSNorm over D.
-    gate2, up2 = dot(h1, w["gate_up"][:, :F], f32), dot(h1, w["gate_up"][:, F:], f32)
+    gate2, up2 = dot(h1, w["gate_up"][:, :F]), dot(h1, w["gate_up"][:, F:])
     act2 = _silu_glu(gate2, up2, dtype)  # (L*B, F)
-    s2 = h1 + dot(act2, w["down"], f32)  # (L*B, D)
+    s2 = h1 + dot(act2, w["down"])  # (L*B, D)
     scale2 = _rms_scale(s2, -1, eps)
     out = (s2 * scale2).astype(dtype).reshape(L, B, D)
     saved = (h0, gate, up, act, s1, scale1, h1, gate2, up2, act2, s2, scale2)
@@ -434,32 +435,32 @@ def _xla_backward(eps, residuals, d_out):
     saved, weights, (x_like, injection_like) = residuals
     h0, gate, up, act, s1, scale1, h1, gate2, up2, act2, s2, scale2 = saved
     L, B, D = d_out.shape
-    dtype, f32 = d_out.dtype, jnp.float32
+    dtype = d_out.dtype
     w = {k: v.astype(dtype) for k, v in weights.items()}
     F = w["down"].shape[0]
     # Mixing over D, backwards. Gradients are float32 but for matmul operands (`dtype`).
     d_s2 = _rms_norm_grad(d_out.reshape(L * B, D), s2, scale2, -1)
     d_s2_lo = d_s2.astype(dtype)
-    d_gate2, d_up2 = _silu_glu_grad(dot(d_s2_lo, _t(w["down"], dtype), f32), gate2, up2)
+    d_gate2, d_up2 = _silu_glu_grad(dot(d_s2_lo, _t(w["down"], dtype)), gate2, up2)
     d_gate2, d_up2 = d_gate2.astype(dtype), d_up2.astype(dtype)  # (L*B, F) each
     # Two matmuls per product, not one on [d_gate2 | d_up2]: XLA:CPU did not fuse that
     # concatenation along the last axis into the pass that makes its halves (the step was
     # 1% faster without it, within noise).
     w_gate_t, w_up_t = _t(w["gate_up"][:, :F], dtype), _t(w["gate_up"][:, F:], dtype)
-    d_h1 = d_s2 + dot(d_gate2, w_gate_t, f32) + dot(d_up2, w_up_t, f32)
+    d_h1 = d_s2 + dot(d_gate2, w_gate_t) + dot(d_up2, w_up_t)
     h1_t = _t(h1, dtype)
     grads = {
-        "down": _t(dot(_t(d_s2_lo, dtype), act2, f32), dtype),
-        "gate_up": jnp.concatenate([dot(h1_t, d_gate2, f32), dot(h1_t, d_up2, f32)], -1),
+        "down": _t(dot(_t(d_s2_lo, dtype), act2), dtype),
+        "gate_up": jnp.concatenate([dot(h1_t, d_gate2), dot(h1_t, d_up2)], -1),
     }
     # Mixing over L, backwards.
     d_s1 = _rms_norm_grad(d_h1.reshape(L, B * D), s1, scale1, 0)
     d_s1_lo = d_s1.astype(dtype)
-    d_gate, d_up = _silu_glu_grad(dot(w["token_down"], d_s1_lo, f32), gate, up)
+    d_gate, d_up = _silu_glu_grad(dot(w["token_down"], d_s1_lo), gate, up)
     d_gate_up = jnp.concatenate([d_gate, d_up], 0).astype(dtype)  # (2Ft, B*D)
-    d_h0 = d_s1 + dot(w["token_gate_up"], d_gate_up, f32)
-    grads["token_down"] = dot(act, _t(d_s1_lo, dtype), f32)
-    grads["token_gate_up"] = _t(dot(d_gate_up, _t(h0, dtype), f32), dtype)
+    d_h0 = d_s1 + dot(w["token_gate_up"], d_gate_up)
+    grads["token_down"] = dot(act, _t(d_s1_lo, dtype))
+    grads["token_gate_up"] = _t(dot(d_gate_up, _t(h0, dtype)), dtype)
     d_h0 = d_h0.reshape(L, B, D)
     d_inj = None if injection_like is None else _cotangent_like(d_h0, injection_like)
     grads = {k: _cotangent_like(v, weights[k]) for k, v in grads.items()}
