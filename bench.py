@@ -95,16 +95,24 @@ def synthetic_batch(cfg, batch_size, seed=0):
     }
 
 
-def median_time(fn, steps, warmup):
-    """Median seconds of fn() over `steps` calls after `warmup` calls; fn blocks."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
+def progress(msg):
+    """A progress line on stderr (stdout keeps the results; --json's object stays last)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def median_time(fn, steps, warmup, label=None):
+    """Median seconds of fn() over `steps` calls after `warmup` calls; fn blocks. With a
+    `label`, each call prints a progress line with its time and the ETA of the rest."""
+    times, total = [], warmup + steps
+    for i in range(total):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        if label:
+            kind = "warm-up" if i < warmup else "timed"
+            eta = (total - i - 1) * float(np.median(times))
+            progress(f"{label}: step {i + 1}/{total} ({kind}) {times[-1]:.2f} s, ETA {eta:.0f} s")
+    return float(np.median(times[warmup:])) if steps else float("nan")
 
 
 def matmul_peak(dtype, n=None, steps=5):
@@ -157,17 +165,18 @@ def bench(cfg, B, steps, warmup):
     compiled = train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     memory = peak_memory(compiled)
+    progress(f"train step compiled in {compile_s:.1f} s")
 
     def train_once():
         nonlocal state
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
 
-    train_s = median_time(train_once, steps, warmup)
+    train_s = median_time(train_once, steps, warmup, "train")
     params = state["params"] | state["buffers"]
     eval_compiled = eval_step.lower(params, batch).compile()
     eval_s = median_time(
-        lambda: jax.block_until_ready(eval_compiled(params, batch)), max(1, steps // 2), 0
+        lambda: jax.block_until_ready(eval_compiled(params, batch)), max(1, steps // 2), 0, "eval"
     )
     return {"compile_s": compile_s, "train_step_s": train_s, "eval_step_s": eval_s} | {
         "peak_memory_bytes": memory
@@ -266,13 +275,32 @@ def torch_train_step(path, cfg, B):
     return step
 
 
+def _torch_matmul_rate(torch, dtype, n=512):
+    """FLOP/s of an n^3 torch matmul in `dtype` (median of 3): for the step time estimate."""
+    a = torch.randn(n, n).to(getattr(torch, dtype))
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / float(np.median(times[1:]))
+
+
 def _torch_worker(conn, path, cfg, B):
-    """The official code's train step in a process of its own (spawned): `conn` receives a
-    step count, answers with that many step times; 0 ends it."""
+    """The official code's train step in a process of its own (spawned). It sends its torch
+    version and matmul rate, then the time of its warm-up step; then `conn` receives a step
+    count and answers with that many step times; 0 ends it."""
     step = torch_train_step(path, cfg, B)
-    step()  # warm-up (one step: eager PyTorch has nothing to compile)
     torch = sys.modules["torch"]
-    conn.send(f"{torch.__version__} with {torch.get_num_threads()} threads")
+    conn.send(
+        {
+            "torch": f"{torch.__version__} with {torch.get_num_threads()} threads",
+            "matmul_flops_per_s": _torch_matmul_rate(torch, cfg.forward_dtype),
+        }
+    )
+    t0 = time.perf_counter()
+    step()  # warm-up (one step: eager PyTorch has nothing to compile)
+    conn.send(time.perf_counter() - t0)
     while n := _recv(conn):
         times = []
         for _ in range(n):
@@ -302,15 +330,28 @@ def side_by_side(cfg, B):
     worker.start()
     child_conn.close()  # so that recv() here sees EOF if the worker dies
     try:
-        torch_version = conn.recv()  # once the worker has warmed up
+        info = conn.recv()
+        torch_version, rate = info["torch"], info["matmul_flops_per_s"]
+        guess = model_flops_per_example(cfg) * B / rate
+        progress(
+            f"official code: torch {torch_version}; its {cfg.forward_dtype} matmul runs "
+            f"{rate / 1e9:.1f} GFLOP/s here (512^3), so one of its steps takes about "
+            f"{guess:.0f} s or more; warming up (1 step)"
+        )
+        progress(f"official code: warm-up step {conn.recv():.1f} s")
         ours = ours_train_step(cfg, B)
-        for _ in range(1 + _WARMUP.value):  # compilation, then host memory settling
-            ours()
+        # compilation, then host memory settling
+        median_time(ours, 0, 1 + _WARMUP.value, "trmx warm-up")
         times = {"trmx": [], "torch": []}
-        for _ in range(_ROUNDS.value):
+        for r in range(_ROUNDS.value):
             times["trmx"].append(median_time(ours, _STEPS.value, 0))
             conn.send(_STEPS.value)
             times["torch"].append(float(np.median(conn.recv())))
+            eta = (_ROUNDS.value - r - 1) * (times["trmx"][-1] + times["torch"][-1]) * _STEPS.value
+            progress(
+                f"round {r + 1}/{_ROUNDS.value}: trmx {times['trmx'][-1]:.2f} s/step, "
+                f"official code {times['torch'][-1]:.2f} s/step; ETA {eta:.0f} s"
+            )
         conn.send(0)
     except EOFError:  # the worker died: its traceback is above
         raise SystemExit("--torch_ref: the official code's process failed (above)") from None

@@ -42,6 +42,7 @@ def test_bench_json_reports_every_figure():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "MFU" in out.stdout and "examples/s" in out.stdout
+    assert "train: step 1/" in out.stderr and "ETA" in out.stderr  # progress lines
     result = json.loads(out.stdout.strip().splitlines()[-1])
     keys = ["train_examples_per_s", "eval_examples_per_s", "model_flops_per_example"]
     keys += ["achieved_flops_per_s", "peak_flops_per_s", "mfu", "peak_memory_bytes", "compile_s"]
@@ -81,3 +82,48 @@ def test_model_flops_match_xla_cost_analysis(T, mlp_t):
 def test_model_flops_of_the_paper_config():
     """The issue's figure: 42.7 GFLOP per example and train step for Sudoku-MLP."""
     assert round(bench.model_flops_per_example(model.Config()) / 1e9, 1) == 42.7
+
+
+FAKE_LOSSES = """
+import torch
+
+class ACTLossHead(torch.nn.Module):  # the official code's interface, on a one-weight model
+    def __init__(self, model, loss_type):
+        super().__init__()
+        self.model = model
+
+    def initial_carry(self, batch):
+        return None
+
+    def forward(self, carry, batch, return_keys):
+        return carry, self.model(batch["inputs"]).square().sum(), {}, {}, True
+"""
+FAKE_TRM = """
+import torch
+
+class TinyRecursiveReasoningModel_ACTV1(torch.nn.Module):
+    def __init__(self, arch):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(arch["vocab_size"], dtype=torch.float32))
+
+    def forward(self, inputs):
+        return self.w[inputs.long()]
+"""
+
+
+def test_bench_side_by_side_with_a_stand_in_for_the_official_code(tmp_path):
+    """--torch_ref's protocol (spawned worker, alternating rounds, progress lines, the
+    speedup line), on a stand-in for the official code's two modules; needs torch."""
+    pytest.importorskip("torch")
+    (tmp_path / "models" / "recursive_reasoning").mkdir(parents=True)
+    (tmp_path / "models" / "losses.py").write_text(FAKE_LOSSES)
+    (tmp_path / "models" / "recursive_reasoning" / "trm.py").write_text(FAKE_TRM)
+    flags = ["--hidden_size=16", "--num_heads=2", "--H_cycles=1", "--L_cycles=1"]
+    flags += ["--halt_max_steps=2", "--global_batch_size=4", "--forward_dtype=float32"]
+    flags += ["--steps=1", "--rounds=2", "--warmup=0", f"--torch_ref={tmp_path}"]
+    out = run([sys.executable, "bench.py", *flags], JAX_PLATFORMS="cpu")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "official code: warm-up step" in out.stderr and "round 2/2: trmx" in out.stderr
+    assert "trmx warm-up: step 1/1" in out.stderr
+    line = out.stdout.strip().splitlines()[-1]
+    assert line.startswith("float32, batch 4: trmx ") and "medians of 2 alternating" in line
