@@ -335,8 +335,8 @@ def side_by_side(cfg, B):
         guess = model_flops_per_example(cfg) * B / rate
         progress(
             f"official code: torch {torch_version}; its {cfg.forward_dtype} matmul runs "
-            f"{rate / 1e9:.1f} GFLOP/s here (512^3), so one of its steps takes about "
-            f"{guess:.0f} s or more; warming up (1 step)"
+            f"{rate / 1e9:.1f} GFLOP/s here (512^3): its step's matmuls at that rate take "
+            f"{guess:.0f} s (a rough guide); warming up (1 step)"
         )
         progress(f"official code: warm-up step {conn.recv():.1f} s")
         ours = ours_train_step(cfg, B)
