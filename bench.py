@@ -278,12 +278,7 @@ def torch_train_step(path, cfg, B):
 def _torch_matmul_rate(torch, dtype, n=512):
     """FLOP/s of an n^3 torch matmul in `dtype` (median of 3): for the step time estimate."""
     a = torch.randn(n, n).to(getattr(torch, dtype))
-    times = []
-    for _ in range(4):
-        t0 = time.perf_counter()
-        a @ a
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / float(np.median(times[1:]))
+    return 2 * n**3 / median_time(lambda: a @ a, steps=3, warmup=1)
 
 
 def _torch_worker(conn, path, cfg, B):
