@@ -297,11 +297,15 @@ def deep_recursion(params, cfg: Config, x, y, z, rope):
 
 
 def embed_input(params, cfg: Config, inputs_BxS, puzzle_ids_B):
-    """x: token embeddings behind a P-position puzzle-embedding prefix, scaled by sqrt(D)."""
-    x_BxLxD = params["embed"].astype(cfg.dtype)[inputs_BxS]
+    """x: token embeddings behind a P-position puzzle-embedding prefix, scaled by sqrt(D).
+
+    The float32 tables are indexed first and the rows cast after: the gradient of a table
+    row adds up every position that looked it up (thousands per token row in a batch), and
+    that sum stays in float32 whatever the forward dtype."""
+    x_BxLxD = params["embed"][inputs_BxS].astype(cfg.dtype)
     if cfg.P:  # the puzzle vector, zero-padded to P * D values, fills the prefix positions
         B = inputs_BxS.shape[0]
-        p = params["puzzle_emb"].astype(cfg.dtype)[puzzle_ids_B]
+        p = params["puzzle_emb"][puzzle_ids_B].astype(cfg.dtype)
         p_BxPxD = jnp.pad(p, ((0, 0), (0, cfg.P * cfg.D - cfg.puzzle_emb_ndim)))
         x_BxLxD = jnp.concatenate([p_BxPxD.reshape(B, cfg.P, cfg.D), x_BxLxD], axis=1)
     if cfg.pos_encodings == "learned":  # 1/sqrt(2) keeps the sum at the same scale

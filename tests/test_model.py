@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import pathlib
 
 import jax
@@ -341,6 +342,36 @@ def test_bfloat16_forward_is_close_to_float32():
     err = np.abs(np.asarray(logits, np.float32) - g["eval_logits"][0])
     scale = np.abs(g["eval_logits"][0]).max()
     assert err.mean() < 0.02 * scale and err.max() < 0.1 * scale, (err.mean(), err.max(), scale)
+
+
+def test_bfloat16_embedding_gradients_are_summed_in_float32():
+    """Each table row's gradient adds up every lookup of it (here 256 x 81 positions into 11
+    token rows, 256 rows into one puzzle row); in bfloat16 that sum would be off by percents.
+    D = 64 makes the sqrt(D) scale exact, so the float64 sum of the bfloat16 cotangent rows
+    is the exact answer and float32 summation stays within 1e-5 of its largest entry."""
+    cfg = tiny(D=64, forward_dtype="bfloat16", puzzle_emb_ndim=64, puzzle_emb_len=2)
+    params = model.init_params(jax.random.key(0), cfg)
+    batch = batch_of(jax.random.key(1), B=256)
+    ct = jax.random.normal(jax.random.key(2), (256, cfg.L, cfg.D), jnp.bfloat16)
+    tables = {k: params[k] for k in ("embed", "puzzle_emb")}
+
+    def embed(tables):
+        return model.embed_input(
+            params | tables, cfg, batch["inputs"], batch["puzzle_identifiers"]
+        )
+
+    _, vjp = jax.vjp(embed, tables)
+    (grads,) = vjp(ct)
+    ct64 = np.asarray(ct, np.float64) * math.sqrt(cfg.D)
+    tokens = np.zeros((cfg.vocab_size, cfg.D))
+    np.add.at(tokens, np.asarray(batch["inputs"]), ct64[:, cfg.P :])
+    puzzle = np.zeros(params["puzzle_emb"].shape)
+    prefix = ct64[:, : cfg.P].reshape(256, -1)[:, : cfg.puzzle_emb_ndim]
+    np.add.at(puzzle, np.asarray(batch["puzzle_identifiers"]), prefix)
+    for name, expected in (("embed", tokens), ("puzzle_emb", puzzle)):
+        assert grads[name].dtype == jnp.float32
+        atol = 1e-5 * np.abs(expected).max()
+        assert_close(grads[name], expected, atol, what=f"{name} gradient in bfloat16")
 
 
 def test_reference_import_refuses_mismatched_state():
