@@ -299,18 +299,19 @@ def deep_recursion(params, cfg: Config, x, y, z, rope):
 def embed_input(params, cfg: Config, inputs_BxS, puzzle_ids_B):
     """x: token embeddings behind a P-position puzzle-embedding prefix, scaled by sqrt(D).
 
-    The float32 tables are indexed first and the rows cast after: the gradient of a table
-    row adds up every position that looked it up (thousands per token row in a batch), and
-    that sum stays in float32 whatever the forward dtype."""
-    x_BxLxD = params["embed"][inputs_BxS].astype(cfg.dtype)
+    Computed in float32 from the float32 tables and cast once at the end: the gradient of a
+    table row adds up every position that looked it up (thousands per token row in a batch,
+    the whole batch for a learned position), and that sum stays in float32 whatever the
+    forward dtype."""
+    x_BxLxD = params["embed"][inputs_BxS]
     if cfg.P:  # the puzzle vector, zero-padded to P * D values, fills the prefix positions
         B = inputs_BxS.shape[0]
-        p = params["puzzle_emb"][puzzle_ids_B].astype(cfg.dtype)
+        p = params["puzzle_emb"][puzzle_ids_B]
         p_BxPxD = jnp.pad(p, ((0, 0), (0, cfg.P * cfg.D - cfg.puzzle_emb_ndim)))
         x_BxLxD = jnp.concatenate([p_BxPxD.reshape(B, cfg.P, cfg.D), x_BxLxD], axis=1)
     if cfg.pos_encodings == "learned":  # 1/sqrt(2) keeps the sum at the same scale
-        x_BxLxD = (x_BxLxD + params["pos"].astype(cfg.dtype)[None]) * (1 / math.sqrt(2))
-    return x_BxLxD * math.sqrt(cfg.D)
+        x_BxLxD = (x_BxLxD + params["pos"][None]) * (1 / math.sqrt(2))
+    return (x_BxLxD * math.sqrt(cfg.D)).astype(cfg.dtype)
 
 
 def recurse(params, cfg: Config, y, z, data):
@@ -321,11 +322,9 @@ def recurse(params, cfg: Config, y, z, data):
         cfg, *deep_recursion(params, cfg, *recursion_layout(cfg, x, y, z), rope)
     )
     logits_BxSxV = y[:, cfg.P :] @ params["lm_head"].astype(cfg.dtype)  # the head reads y
-    q = (
-        y[:, 0] @ params["q_head"]["w"].astype(cfg.dtype)
-        + params["q_head"]["b"].astype(cfg.dtype)[None]
-    )
-    q_halt, q_continue = q.astype(jnp.float32).T
+    # The bias is added in float32, so its gradient (a sum over the batch) is float32 too.
+    q = (y[:, 0] @ params["q_head"]["w"].astype(cfg.dtype)).astype(jnp.float32)
+    q_halt, q_continue = (q + params["q_head"]["b"][None]).T
     # The carry is detached: no gradient flows from one supervision step into the next.
     return jax.lax.stop_gradient((y, z)), logits_BxSxV, q_halt, q_continue
 

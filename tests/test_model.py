@@ -344,34 +344,65 @@ def test_bfloat16_forward_is_close_to_float32():
     assert err.mean() < 0.02 * scale and err.max() < 0.1 * scale, (err.mean(), err.max(), scale)
 
 
-def test_bfloat16_embedding_gradients_are_summed_in_float32():
+@pytest.mark.parametrize("pos_encodings", ["none", "learned"])
+def test_bfloat16_embedding_gradients_are_summed_in_float32(pos_encodings):
     """Each table row's gradient adds up every lookup of it (here 256 x 81 positions into 11
-    token rows, 256 rows into one puzzle row); in bfloat16 that sum would be off by percents.
-    D = 64 makes the sqrt(D) scale exact, so the float64 sum of the bfloat16 cotangent rows
-    is the exact answer and float32 summation stays within 1e-5 of its largest entry."""
-    cfg = tiny(D=64, forward_dtype="bfloat16", puzzle_emb_ndim=64, puzzle_emb_len=2)
+    token rows, 256 rows into one puzzle row and into each learned position); in bfloat16
+    that sum is off by percents. Against the float64 sums of the bfloat16 cotangent rows,
+    float32 summation stays within 1e-5 of the largest entry."""
+    cfg = tiny(
+        D=64,
+        forward_dtype="bfloat16",
+        puzzle_emb_ndim=64,
+        puzzle_emb_len=2,
+        mlp_t=pos_encodings == "none",
+        pos_encodings=pos_encodings,
+    )
     params = model.init_params(jax.random.key(0), cfg)
     batch = batch_of(jax.random.key(1), B=256)
     ct = jax.random.normal(jax.random.key(2), (256, cfg.L, cfg.D), jnp.bfloat16)
-    tables = {k: params[k] for k in ("embed", "puzzle_emb")}
+    names = ("embed", "puzzle_emb") + (("pos",) if pos_encodings == "learned" else ())
 
     def embed(tables):
-        return model.embed_input(
-            params | tables, cfg, batch["inputs"], batch["puzzle_identifiers"]
+        inputs, ids = batch["inputs"], batch["puzzle_identifiers"]
+        return model.embed_input(params | tables, cfg, inputs, ids)
+
+    _, vjp = jax.vjp(embed, {k: params[k] for k in names})
+    (grads,) = vjp(ct)
+    scale = math.sqrt(cfg.D) / (math.sqrt(2) if pos_encodings == "learned" else 1)
+    ct64 = np.asarray(ct, np.float64) * scale
+    expected = {
+        "embed": np.zeros((cfg.vocab_size, cfg.D)),
+        "puzzle_emb": np.zeros(params["puzzle_emb"].shape),
+        "pos": ct64.sum(0),
+    }
+    np.add.at(expected["embed"], np.asarray(batch["inputs"]), ct64[:, cfg.P :])
+    prefix = ct64[:, : cfg.P].reshape(256, -1)[:, : cfg.puzzle_emb_ndim]
+    np.add.at(expected["puzzle_emb"], np.asarray(batch["puzzle_identifiers"]), prefix)
+    for name in names:
+        assert grads[name].dtype == jnp.float32
+        atol = 1e-5 * np.abs(expected[name]).max()
+        assert_close(grads[name], expected[name], atol, what=f"{name} gradient in bfloat16")
+
+
+def test_bfloat16_q_head_bias_gradient_is_summed_in_float32():
+    """The q-head bias gradient is a sum over the batch: float32, not bfloat16, additions."""
+    cfg = tiny(forward_dtype="bfloat16")
+    params = model.init_params(jax.random.key(0), cfg)
+    batch = batch_of(jax.random.key(1), B=512)
+    y = jax.random.normal(jax.random.key(2), (512, cfg.L, cfg.D), jnp.bfloat16)
+    ct = jax.random.normal(jax.random.key(3), (2, 512))
+
+    def q_of(b):
+        return jnp.stack(
+            model.recurse(
+                params | {"q_head": {"w": params["q_head"]["w"], "b": b}}, cfg, y, y, batch
+            )[2:]
         )
 
-    _, vjp = jax.vjp(embed, tables)
-    (grads,) = vjp(ct)
-    ct64 = np.asarray(ct, np.float64) * math.sqrt(cfg.D)
-    tokens = np.zeros((cfg.vocab_size, cfg.D))
-    np.add.at(tokens, np.asarray(batch["inputs"]), ct64[:, cfg.P :])
-    puzzle = np.zeros(params["puzzle_emb"].shape)
-    prefix = ct64[:, : cfg.P].reshape(256, -1)[:, : cfg.puzzle_emb_ndim]
-    np.add.at(puzzle, np.asarray(batch["puzzle_identifiers"]), prefix)
-    for name, expected in (("embed", tokens), ("puzzle_emb", puzzle)):
-        assert grads[name].dtype == jnp.float32
-        atol = 1e-5 * np.abs(expected).max()
-        assert_close(grads[name], expected, atol, what=f"{name} gradient in bfloat16")
+    _, vjp = jax.vjp(q_of, params["q_head"]["b"])
+    (grad,) = vjp(ct)
+    assert_close(grad, np.asarray(ct, np.float64).sum(1), 1e-4, what="q-head bias gradient")
 
 
 def test_reference_import_refuses_mismatched_state():
