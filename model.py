@@ -433,9 +433,10 @@ def loss_fn(params, cfg: Config, carry, batch, min_steps=None, *, train=True, gl
     """One ACT step and its loss; returns (loss, (carry, metric sums, outputs)).
 
     loss = [sum over rows of the mean token CE of the row + 0.5 * (q-halt BCE + q-continue
-    BCE)] / global_batch_size. The q-halt target is whether the row's current argmax answer
-    is entirely right. Metrics are sums over the rows that halted this step (count is their
-    number), as the reference reports them; divide by count (or the batch) to get means.
+    BCE)] / global_batch_size, over the rows with labels (padding rows have none). The q-halt
+    target is whether the row's current argmax answer is entirely right. Metrics are sums
+    over the rows that halted this step (count is their number), as the reference reports
+    them; divide by count (or the batch) to get means.
     """
     carry, out = act_step(params, cfg, carry, batch, train, min_steps)
     labels = carry["data"]["labels"]  # the labels of the rows actually processed
@@ -446,13 +447,16 @@ def loss_fn(params, cfg: Config, carry, batch, min_steps=None, *, train=True, gl
     seq_correct = correct.sum(-1) == counts
 
     lm_loss = jnp.sum(cross_entropy(out["logits"], labels, cfg.loss_type).sum(-1) / divisor)
-    q_halt_loss = jnp.sum(bce_with_logits(out["q_halt"], seq_correct))
+    # Rows without a single label are padding (evaluation's last batch): no Q loss either.
+    labelled = counts > 0
+    q_halt_loss = jnp.sum(jnp.where(labelled, bce_with_logits(out["q_halt"], seq_correct), 0))
     q_continue_loss = 0.0
     if "q_continue_target" in out:
-        q_continue_loss = jnp.sum(bce_with_logits(out["q_continue"], out["q_continue_target"]))
+        bce = bce_with_logits(out["q_continue"], out["q_continue_target"])
+        q_continue_loss = jnp.sum(jnp.where(labelled, bce, 0))
     loss = (lm_loss + 0.5 * (q_halt_loss + q_continue_loss)) / global_batch_size
 
-    valid = carry["halted"] & (counts > 0)
+    valid = carry["halted"] & labelled
     metrics = {
         "count": valid.sum(),
         "accuracy": jnp.sum(jnp.where(valid, correct.sum(-1) / divisor, 0.0)),

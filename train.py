@@ -489,6 +489,13 @@ def make_steps(
     return train_step, eval_step
 
 
+def eval_batch_size(requested, num_devices):
+    """Rows per evaluation batch: the requested size rounded up to a multiple of the device
+    count, so that any batch size runs on any number of devices. The extra rows hold more
+    test examples; the last batch is padded with rows that count nowhere (data.eval_batches)."""
+    return -(-requested // num_devices) * num_devices
+
+
 def evaluate(eval_step, params, batches, to_global):
     """Test metrics: means over the test examples of the final step's metric sums."""
     total = None
@@ -576,13 +583,15 @@ def main(argv):
 
     # --- mesh: one 'data' axis over every device of every host
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
-    B, B_eval = _GLOBAL_BATCH_SIZE.value, _EVAL_BATCH_SIZE.value or _GLOBAL_BATCH_SIZE.value
-    for name, size in (("global_batch_size", B), ("eval_batch_size", B_eval)):
-        if size % mesh.size:
-            raise UserError(
-                f"--{name}={size} does not divide over {mesh.size} devices "
-                f"({jax.process_count()} processes x {jax.local_device_count()})"
-            )
+    B = _GLOBAL_BATCH_SIZE.value
+    if B % mesh.size:  # every training row counts in the loss: no padding rows here
+        raise UserError(
+            f"--global_batch_size={B} does not divide over {mesh.size} devices "
+            f"({jax.process_count()} processes x {jax.local_device_count()})"
+        )
+    B_eval = eval_batch_size(_EVAL_BATCH_SIZE.value or B, mesh.size)
+    if B_eval != (_EVAL_BATCH_SIZE.value or B):
+        say(f"evaluation batches of {B_eval} rows: whole rows for each of {mesh.size} devices")
     row_sharding = NamedSharding(mesh, P("data"))
 
     def to_global(local_batch):  # this process's rows -> one array over all devices
