@@ -140,6 +140,13 @@ _KEEP_BEST = flags.DEFINE_bool("keep_best", False, "also keep the best by eval e
 _INIT_FROM = flags.DEFINE_string(
     "init_from", None, "start from these weights: a PyTorch TRM checkpoint or our ckpt folder"
 )
+_INIT_FROM_WEIGHTS = flags.DEFINE_enum(
+    "init_from_weights",
+    "ema",
+    ["ema", "raw"],
+    "--init_from a run of ours: its EMA weights (what it evaluated; raw where it kept none) "
+    "or its raw trained weights",
+)
 _EVAL_ONLY = flags.DEFINE_bool("eval_only", False, "evaluate the restored/--init_from weights")
 # system
 _SEED = flags.DEFINE_integer("seed", 0, "params, data order and exploration")
@@ -664,10 +671,11 @@ def main(argv):
         batch, cursor = sample(extra["cursor"])
     elif _INIT_FROM.value:
         try:
-            weights = load_weights(_INIT_FROM.value, cfg, state)
+            weights, what = load_weights(_INIT_FROM.value, cfg, state)
         except (ImportError, ValueError) as e:
             raise UserError(f"--init_from={_INIT_FROM.value}: {e}") from e
         state = with_weights(state, weights, _EMA.value)
+        say(f"--init_from={_INIT_FROM.value}: {what}")
     write, close = open_workdir(_WORKDIR.value if is_main else None, resume_step=step)
     save, wait = (
         ckpt.checkpointer(ckpt_dir, _KEEP.value, _KEEP_BEST.value) if ckpt_dir else (None, None)
@@ -845,19 +853,30 @@ def stop_requested(stop, log_step):
 
 
 def load_weights(path, cfg, state):
-    """Params (with the buffers) from a PyTorch TRM checkpoint file or our checkpoint folder."""
+    """(weights with the buffers, what they are) from a PyTorch TRM checkpoint file or a
+    checkpoint folder of ours. From ours: the EMA where the run kept one (it is what the run
+    evaluated), unless --init_from_weights=raw; the puzzle table is always the trained one."""
     if os.path.isfile(path):
-        return ckpt.load_torch(path, cfg)
-    found = ckpt.latest(path) or ckpt.latest(f"{path.rstrip('/')}/ckpt")
+        return ckpt.load_torch(path, cfg), "the weights of the PyTorch checkpoint"
+    where, found = path, ckpt.latest(path)  # a ckpt folder, or a run directory holding one
+    if not found:
+        where = f"{path.rstrip('/')}/ckpt"
+        found = ckpt.latest(where)
     if not found:
         raise UserError(
             f"--init_from={path}: neither a PyTorch checkpoint file nor a folder "
             "with a complete checkpoint"
         )
-    where = path if ckpt.latest(path) else f"{path.rstrip('/')}/ckpt"
+    step, commit = found
     target = {"params": state["params"], "buffers": state["buffers"]}
-    weights, _ = ckpt.restore(where, found[0], target)
-    return weights["params"] | weights["buffers"]
+    kept_ema = any(name.startswith("ema/") for name in commit["leaves"])
+    if _INIT_FROM_WEIGHTS.value == "ema" and kept_ema:
+        target["ema"] = {k: v for k, v in state["params"].items() if k != "puzzle_emb"}
+        what = f"the EMA weights of step {step}"
+    else:
+        what = f"the raw weights of step {step}" + ("" if kept_ema else " (the run kept no EMA)")
+    weights, _ = ckpt.restore(where, step, target)
+    return weights["params"] | weights.get("ema", {}) | weights["buffers"], what
 
 
 def with_weights(state, weights, use_ema):

@@ -359,9 +359,42 @@ def test_load_torch_file(tmp_path, monkeypatch):
     assert bad.returncode == 1 and "inner.embed_tokens.embedding_weight: (11, 32)" in bad.stderr
 
 
+def test_init_from_a_run_evaluates_its_ema_unless_asked_for_the_raw_weights(tmp_path):
+    """A run with an EMA evaluates the EMA: --eval_only --init_from=<that run> reproduces
+    its final evaluation exactly; --init_from_weights=raw takes the trained weights instead,
+    which evaluate differently. Each run says which weights it took."""
+    common = [
+        *TINY,
+        "--epochs=2",
+        "--eval_interval=2",
+        "--ema_rate=0.9",
+        f"--builtin_dir={tmp_path}",
+    ]
+    run([*common, f"--workdir={tmp_path / 'a'}"])
+    final = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").open()][-1]
+    evals = {}
+    for which in ("ema", "raw"):
+        out = run(
+            [
+                *common,
+                "--eval_only",
+                f"--init_from={tmp_path / 'a'}",
+                f"--init_from_weights={which}",
+                f"--workdir={tmp_path / which}",
+            ]
+        )
+        word = "EMA" if which == "ema" else "raw"
+        said = f"--init_from={tmp_path / 'a'}: the {word} weights of step {final['step']}"
+        assert said in out.stdout
+        evals[which] = [json.loads(x) for x in (tmp_path / which / "metrics.jsonl").open()][-1]
+    for k in ("eval/accuracy", "eval/exact_accuracy", "eval/lm_loss", "eval/q_halt_loss"):
+        assert evals["ema"][k] == final[k], k
+    assert evals["raw"]["eval/lm_loss"] != final["eval/lm_loss"]
+
+
 def test_eval_only_and_init_from_reproduce_the_final_evaluation(tmp_path):
-    """--init_from takes a checkpoint's trained weights (not its EMA); with --ema=false both
-    runs evaluate exactly those weights, so the numbers match only if the import is right."""
+    """A run without an EMA: --init_from takes its trained weights, and with --ema=false
+    both runs evaluate exactly those, so the numbers match only if the import is right."""
     common = [*TINY, "--epochs=2", "--eval_interval=2", "--ema=false", f"--builtin_dir={tmp_path}"]
     run([*common, f"--workdir={tmp_path / 'a'}"])
     final = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").open()][-1]
