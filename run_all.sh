@@ -29,6 +29,8 @@
 #   jax[tpu], copies --data to ~/trmx/data, then starts each run on all workers at once with
 #   --distributed (train.py itself skips a finished run there). Logs (flags.txt,
 #   metrics.jsonl, TensorBoard events) go to RUNS/NAME.
+# The interpreter is $PYTHON (e.g. PYTHON=venv/bin/python for a virtual environment that is
+# not activated), else `python`, else `python3`.
 # Flags after `--` go to every train.py, e.g. `./run_all.sh sudoku_cpu -- --max_steps=100`.
 # Long runs: start it inside `screen` or `tmux`; progress is in RUNS/NAME/metrics.jsonl.
 set -euo pipefail
@@ -41,6 +43,10 @@ phase4=(e4_1_curriculum e4_2_halting e4_3_precision e4_4_checkpoint_avg)
 roadmap=" ${phase1[*]} ${phase2[*]} ${phase3[*]} ${phase4[*]} "
 
 die() { echo "run_all.sh: $*" >&2; exit 2; }
+
+python=${PYTHON:-python}
+[[ -n "${PYTHON:-}" ]] || command -v python >/dev/null || python=python3
+command -v "$python" >/dev/null || die "no interpreter $python (set PYTHON to one with the requirements)"
 
 dry_run=0 mode=paper tpu="" zone="" project="" runs="" data="" targets=() extra=()
 while (($#)); do
@@ -124,7 +130,7 @@ fi
 
 train() {  # one train.py command, here or on every TPU worker
   if [[ -z "$tpu" ]]; then
-    run python train.py "$@"
+    run "$python" train.py "$@"
   else
     local cmd="cd ~/trmx && python3 train.py" x
     for x in "$@" --distributed; do cmd+=" $(printf '%q' "$x")"; done

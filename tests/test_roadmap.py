@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -28,8 +29,10 @@ if not flags.FLAGS.is_parsed():
     flags.FLAGS(["pytest"])
 
 
-def run(cmd, **kwargs):
-    return subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT, **kwargs)
+def run(cmd, env=None):
+    """cmd in the repository; run_all.sh's train.py runs use this test's interpreter."""
+    env = dict(env or os.environ, PYTHON=sys.executable)
+    return subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT, env=env)
 
 
 def config_with(**flag_values):
@@ -286,14 +289,39 @@ def dry(*args):
 
 
 def test_run_all_runs_each_experiment_over_the_baseline():
+    python = f"+ {sys.executable} train.py"
     assert dry("sudoku_mlp", "e2_3_attention", "sudoku_cpu", "--", "--max_steps=5") == [
-        "+ python train.py --flagfile=configs/sudoku_mlp.flags --workdir=runs/sudoku_mlp "
-        "--max_steps=5",
-        "+ python train.py --flagfile=configs/sudoku_mlp.flags "
+        f"{python} --flagfile=configs/sudoku_mlp.flags --workdir=runs/sudoku_mlp --max_steps=5",
+        f"{python} --flagfile=configs/sudoku_mlp.flags "
         "--flagfile=configs/e2_3_attention.flags --workdir=runs/e2_3_attention --max_steps=5",
-        "+ python train.py --flagfile=configs/sudoku_cpu.flags --workdir=runs/sudoku_cpu "
-        "--max_steps=5",
+        f"{python} --flagfile=configs/sudoku_cpu.flags --workdir=runs/sudoku_cpu --max_steps=5",
     ]
+
+
+def test_run_all_takes_the_interpreter_from_PYTHON(tmp_path):
+    """PYTHON chooses the interpreter; without it, python, else python3 (a PATH without
+    python); a PYTHON that does not exist is one clear line."""
+    for name in ("python3", "bash", "dirname", "cat"):
+        (tmp_path / name).symlink_to(shutil.which(name))
+    env = {"PATH": str(tmp_path)}
+    out = subprocess.run(
+        ["bash", "run_all.sh", "--dry_run", "sudoku_cpu"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env=env,
+    )
+    assert out.stdout.startswith("+ python3 train.py"), out.stderr
+    out = subprocess.run(
+        ["bash", "run_all.sh", "--dry_run", "sudoku_cpu"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env=env | {"PYTHON": "nope/py"},
+    )
+    assert out.returncode == 2 and "no interpreter nope/py" in out.stderr
 
 
 def test_run_all_sweeps_the_cartesian_product_into_one_folder_each():
@@ -380,7 +408,7 @@ def test_smoke_runs_every_flagfile_then_report_reads_them(tmp_path):
                 f"--builtin_dir={tmp_path}/data",
             ],
             cwd=ROOT,
-            env=cpu,
+            env=cpu | {"PYTHON": sys.executable},
             stdout=(tmp_path / f"half{i}.log").open("w"),  # files: a full pipe would block
             stderr=subprocess.STDOUT,
         )
