@@ -318,13 +318,13 @@ def mixer_step_ref(x_BxLxD, weights, injection_BxLxD=None, *, eps=1e-5):
 #
 # bfloat16. Matmuls take bfloat16 operands and accumulate and return float32 (`dot`), in
 # the plain (M, K) @ (K, N) form (`_t`): that is what reaches XLA:CPU's bfloat16 (AMX)
-# kernels, 5-8x its float32 rate on the project's CPU (2048^3: 1140-1830 against 310-360
-# GFLOP/s, in the runs of 2026-12-02). Results that feed only elementwise
+# kernels, several times its float32 rate on CPUs with AMX (docs/PERFORMANCE.md). Results
+# that feed only elementwise
 # math (the SwiGLU halves, the pre-norm sums) stay float32; what feeds a matmul or leaves
 # the block is rounded to bfloat16 once. The reference rounds every matmul output to
 # bfloat16, so this path is, if anything, more precise. The saved SwiGLU halves and
-# pre-norm sums are float32, twice their bfloat16 size, yet XLA's peak memory estimate for
-# the Sudoku train step at batch 32 did not grow (2.72 -> 2.65 GiB: fewer rounded copies).
+# pre-norm sums are float32, twice their bfloat16 size; XLA keeps fewer rounded copies, so
+# the step's peak memory does not grow.
 #
 # Backward. Written by hand (`jax.custom_vjp`), from saved activations (the SwiGLU
 # pre-activations, the products fed to the down projections, the pre-norm sums): the
@@ -332,7 +332,7 @@ def mixer_step_ref(x_BxLxD, weights, injection_BxLxD=None, *, eps=1e-5):
 # the token mixing the gate and up gradients are concatenated (rows, which XLA fuses into
 # that pass) so that its weight gradient and input gradient are one matmul each.
 #
-# Measured on the project's CPU (`python bench.py`; README, Speed on CPU).
+# Measured with `python bench.py`: docs/PERFORMANCE.md.
 
 
 def dot(a, b):

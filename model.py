@@ -292,7 +292,7 @@ def deep_recursion(params, cfg: Config, x, y, z, rope):
     )
     # With gradient: unrolled, so each block's saved activations are buffers of their own
     # rather than slices of stacked loop outputs that XLA writes and reads with extra copies
-    # (bfloat16 train step on CPU 2.9 -> 2.2 s; README, Speed on CPU).
+    # (docs/PERFORMANCE.md).
     return latent_recursion(params, cfg, x, y, z, rope, unroll=True)
 
 

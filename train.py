@@ -1,6 +1,6 @@
 """Train a Tiny Recursive Model on Sudoku, data parallel over every device.
 
-  # The default CPU job: built-in puzzles, a small TRM, ~10 minutes on 2 cores:
+  # The default CPU job: built-in puzzles, a small TRM, 4-9 minutes on 2 cores:
   python train.py --flagfile=configs/sudoku_cpu.flags --workdir=runs/sudoku_cpu
   # The paper's Sudoku-Extreme MLP run (build the data first, see data.py):
   python train.py --flagfile=configs/sudoku_mlp.flags --workdir=runs/sudoku_mlp

@@ -102,10 +102,12 @@ def test_data_parallel_equals_single_device(mlp_t):
     cfg = tiny(mlp_t=mlp_t, pos_encodings="none" if mlp_t else "rope", halt_exploration_prob=0.5)
     batches = [batch_of(jax.random.key(i), B=16) for i in range(3)]
     one = run_steps(cfg, 1, batches)
-    four = run_steps(cfg, 8, batches)
-    assert_close(four[0], one[0], 1e-6, 1e-5, what="losses")
-    assert_close(four[1], one[1], 1e-6, 1e-4, what="grad norms")
-    leaves = zip(jax.tree_util.tree_leaves_with_path(four[2]), jax.tree.leaves(one[2]), strict=True)
+    eight = run_steps(cfg, 8, batches)
+    assert_close(eight[0], one[0], 1e-6, 1e-5, what="losses")
+    assert_close(eight[1], one[1], 1e-6, 1e-4, what="grad norms")
+    leaves = zip(
+        jax.tree_util.tree_leaves_with_path(eight[2]), jax.tree.leaves(one[2]), strict=True
+    )
     for (path, a), b in leaves:
         if jnp.issubdtype(a.dtype, jnp.floating):  # the recursion amplifies rounding in the carry
             atol = 5e-4 if "carry" in jax.tree_util.keystr(path) else 1e-5
