@@ -8,14 +8,7 @@
   # Weak scaling over fake CPU devices (per-device batch fixed):
   python bench.py --flagfile=configs/sudoku_cpu.flags --scaling=1,2,4,8 --per_device_batch=8
 
-Model FLOPs (matmuls only; `model_flops_per_example`), for L = P + S positions, width D,
-SwiGLU widths F = swiglu_width(D) and Ft = swiglu_width(L), vocabulary V:
-  MLP-mixer block   6*L*D*(Ft + F)            token mixing 2*D*L*3Ft, channel MLP 2*L*D*3F
-  attention block   8*L*D*D + 4*L*L*D + 6*L*D*F
-  heads             2*S*D*V + 4*D             (lm head on the S cells, q head on position 0)
-  train step        layers*(n+1)*(T+2)*block + 3*heads   (T cycles forward, of which the last
-                    is differentiated: its backward is two more forward costs)
-  eval (N_sup steps) N_sup*(layers*(n+1)*T*block + heads)
+Model FLOPs are matmul FLOPs from the config (`model.flops_per_example`, formula there).
 For Sudoku-MLP (L=97, D=512, Ft=512, F=1536, T=3, n=6, 2 layers): 42.7 GFLOP per example and
 train step. tests/test_tools.py checks the formula against XLA's cost analysis.
 
@@ -63,24 +56,6 @@ _TORCH_REF = flags.DEFINE_string(
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "--torch_ref: alternating rounds of --steps each")
 
 SUDOKU_META = {"vocab_size": 11, "seq_len": 81, "num_puzzle_identifiers": 1}
-
-
-def block_flops(cfg: model.Config) -> int:
-    """Matmul FLOPs of one block application on one example (see the module docstring)."""
-    L, D, F = cfg.L, cfg.D, model.swiglu_width(cfg.D, cfg.expansion)
-    if cfg.mlp_t:
-        return 6 * L * D * (model.swiglu_width(L, cfg.expansion) + F)
-    return 8 * L * D * D + 4 * L * L * D + 6 * L * D * F
-
-
-def model_flops_per_example(cfg: model.Config, train_step: bool = True) -> int:
-    """Matmul FLOPs per example: one train step (one ACT step, forward and backward), or a
-    whole evaluation (N_sup ACT steps, forward only)."""
-    heads = 2 * cfg.seq_len * cfg.D * cfg.vocab_size + 4 * cfg.D
-    blocks = cfg.layers * (cfg.n + 1)
-    if train_step:
-        return blocks * (cfg.T + 2) * block_flops(cfg) + 3 * heads
-    return cfg.N_sup * (blocks * cfg.T * block_flops(cfg) + heads)
 
 
 def synthetic_batch(cfg, batch_size, seed=0):
@@ -191,7 +166,7 @@ def run_one():
     B = train._GLOBAL_BATCH_SIZE.value
     peak = matmul_peak(cfg.dtype, _PEAK_N.value)
     r = bench(cfg, B, _STEPS.value, _WARMUP.value)
-    flops = model_flops_per_example(cfg)
+    flops = model.flops_per_example(cfg)
     result = {
         "devices": jax.device_count(),
         "backend": jax.default_backend(),
@@ -327,7 +302,7 @@ def side_by_side(cfg, B):
     try:
         info = conn.recv()
         torch_version, rate = info["torch"], info["matmul_flops_per_s"]
-        guess = model_flops_per_example(cfg) * B / rate
+        guess = model.flops_per_example(cfg) * B / rate
         progress(
             f"official code: torch {torch_version}; its {cfg.forward_dtype} matmul runs "
             f"{rate / 1e9:.1f} GFLOP/s here (512^3): its step's matmuls at that rate take "

@@ -446,7 +446,8 @@ def train_sampler(ds, batch_size, seed, rows=slice(None)):
 
 def eval_batches(ds, batch_size, max_examples=None, rows=slice(None)):
     """The test set in order (or a fixed random subset of max_examples), in padded batches
-    of which this process loads `rows`."""
+    of which this process loads `rows`; `index` is each row's example number (-1: padding),
+    what test-time noise is keyed by."""
     n = len(ds["inputs"])
     idx = np.arange(n)
     if max_examples is not None and max_examples < n:
@@ -454,7 +455,9 @@ def eval_batches(ds, batch_size, max_examples=None, rows=slice(None)):
     puzzle_of = np.searchsorted(np.asarray(ds["puzzle_indices"]), idx, side="right") - 1
     for start in range(0, len(idx), batch_size):
         sel = slice(start, start + batch_size)
-        yield _collate(ds, idx[sel], puzzle_of[sel], batch_size, rows)
+        batch = _collate(ds, idx[sel], puzzle_of[sel], batch_size, rows)
+        index = np.pad(idx[sel], (0, batch_size - len(idx[sel])), constant_values=-1)
+        yield batch | {"index": index[rows].astype(np.int32)}
 
 
 # ----------------------------------------------------------------------------- command line

@@ -378,14 +378,19 @@ def exploration_min_steps(key, cfg: Config, batch_size, prob=None):
     return jnp.where(explore, jax.random.randint(k_steps, (batch_size,), 2, cfg.N_sup + 1), 0)
 
 
-def act_step(params, cfg: Config, carry, batch, train=False, min_steps=None):
+def act_step(params, cfg: Config, carry, batch, train=False, min_steps=None, perturb=None):
     """One supervision step: refill halted rows, recurse, decide which rows halt.
 
     Training halts a row when q_halt > 0 (or > q_continue) once it has run min_steps
     (see exploration_min_steps); evaluation runs every row exactly N_sup steps.
+    perturb: (y, z, steps) -> (y, z), applied to the states the deep recursion starts from
+    (test-time noise; `steps` is each row's count of finished steps).
     """
     carry = refill(params, cfg, carry, batch)
-    (y, z), logits, q_halt, q_continue = recurse(params, cfg, carry["y"], carry["z"], carry["data"])
+    y, z = carry["y"], carry["z"]
+    if perturb is not None:
+        y, z = perturb(y, z, carry["steps"])
+    (y, z), logits, q_halt, q_continue = recurse(params, cfg, y, z, carry["data"])
     outputs = {"logits": logits, "q_halt": q_halt, "q_continue": q_continue}
     steps = carry["steps"] + 1
     is_last = steps >= cfg.N_sup
@@ -429,16 +434,28 @@ def bce_with_logits(logits, targets):
     return jax.nn.softplus(logits) - logits * targets
 
 
-def loss_fn(params, cfg: Config, carry, batch, min_steps=None, *, train=True, global_batch_size):
+def loss_fn(
+    params,
+    cfg: Config,
+    carry,
+    batch,
+    min_steps=None,
+    *,
+    train=True,
+    global_batch_size,
+    counted=None,
+    perturb=None,
+):
     """One ACT step and its loss; returns (loss, (carry, metric sums, outputs)).
 
     loss = [sum over rows of the mean token CE of the row + 0.5 * (q-halt BCE + q-continue
     BCE)] / global_batch_size, over the rows with labels (padding rows have none). The q-halt
     target is whether the row's current argmax answer is entirely right. Metrics are sums
     over the rows that halted this step (count is their number), as the reference reports
-    them; divide by count (or the batch) to get means.
+    them; divide by count (or the batch) to get means. `counted` (bool per row) restricts the
+    loss and metrics to those rows; `perturb` is act_step's.
     """
-    carry, out = act_step(params, cfg, carry, batch, train, min_steps)
+    carry, out = act_step(params, cfg, carry, batch, train, min_steps, perturb)
     labels = carry["data"]["labels"]  # the labels of the rows actually processed
     mask = labels != IGNORE_LABEL
     counts = mask.sum(-1)
@@ -446,9 +463,10 @@ def loss_fn(params, cfg: Config, carry, batch, min_steps=None, *, train=True, gl
     correct = mask & (jnp.argmax(out["logits"], -1) == labels)
     seq_correct = correct.sum(-1) == counts
 
-    lm_loss = jnp.sum(cross_entropy(out["logits"], labels, cfg.loss_type).sum(-1) / divisor)
-    # Rows without a single label are padding (evaluation's last batch): no Q loss either.
-    labelled = counts > 0
+    # Rows without a single label are padding (evaluation's last batch): no loss at all.
+    labelled = (counts > 0) if counted is None else (counts > 0) & counted
+    ce = cross_entropy(out["logits"], labels, cfg.loss_type).sum(-1) / divisor
+    lm_loss = jnp.sum(jnp.where(labelled, ce, 0))
     q_halt_loss = jnp.sum(jnp.where(labelled, bce_with_logits(out["q_halt"], seq_correct), 0))
     q_continue_loss = 0.0
     if "q_continue_target" in out:
@@ -469,6 +487,36 @@ def loss_fn(params, cfg: Config, carry, batch, min_steps=None, *, train=True, gl
     }
     out["seq_correct"] = seq_correct
     return loss, (carry, jax.tree.map(jax.lax.stop_gradient, metrics), out)
+
+
+# ----------------------------------------------------------------------------- cost
+
+
+def block_flops(cfg: Config) -> int:
+    """Matmul FLOPs of one block application on one example (see flops_per_example)."""
+    L, D, F = cfg.L, cfg.D, swiglu_width(cfg.D, cfg.expansion)
+    if cfg.mlp_t:
+        return 6 * L * D * (swiglu_width(L, cfg.expansion) + F)
+    return 8 * L * D * D + 4 * L * L * D + 6 * L * D * F
+
+
+def flops_per_example(cfg: Config, train_step: bool = True) -> int:
+    """Matmul FLOPs per example of one train step (one ACT step, forward and backward) or of
+    a whole evaluation (N_sup ACT steps, forward only). For L = P + S positions, width D,
+    SwiGLU widths F = swiglu_width(D) and Ft = swiglu_width(L), vocabulary V:
+
+      MLP-mixer block    6*L*D*(Ft + F)     token mixing 2*D*L*3Ft, channel MLP 2*L*D*3F
+      attention block    8*L*D*D + 4*L*L*D + 6*L*D*F
+      heads              2*S*D*V + 4*D      lm head on the S cells, q head on position 0
+      train step         layers*(n+1)*(T+2)*block + 3*heads: T cycles forward, of which the
+                         last is differentiated (its backward costs two more forwards)
+      evaluation         N_sup*(layers*(n+1)*T*block + heads)
+    """
+    heads = 2 * cfg.seq_len * cfg.D * cfg.vocab_size + 4 * cfg.D
+    blocks = cfg.layers * (cfg.n + 1)
+    if train_step:
+        return blocks * (cfg.T + 2) * block_flops(cfg) + 3 * heads
+    return cfg.N_sup * (blocks * cfg.T * block_flops(cfg) + heads)
 
 
 # ----------------------------------------------------------------------------- inference

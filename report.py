@@ -10,16 +10,18 @@ e2_2_t_n_grid). The group named by --baseline (E1.1, sudoku_mlp) is what the oth
 compared with. What is written to --out:
 
   RESULTS.md           the tables: every run; each group beside the baseline; the T x n grid;
-                       exact accuracy after each supervision step; the compute-accuracy front;
+                       exact accuracy after each supervision step; test-time compute (steps x
+                       trajectories); the compute-accuracy front;
                        power-law fits; the runs' hardware and versions (their env_*.json)
   curves.png           train loss, train and eval exact accuracy against step, per group
   groups.png           final eval exact accuracy of each run, group by group
   heatmap_T_n.png      exact accuracy over T x n, for a group that varies both
   per_step.png         exact accuracy after each supervision step at evaluation
+  test_time.png        exact accuracy of K test-time trajectories against forward FLOPs per puzzle
   frontier.png         exact accuracy against forward FLOPs per solved puzzle, the Pareto front
   scaling_GROUP.png    error against training puzzles / params / batch, log-log, with its fit
 
-Compute is counted from each run's config (bench.model_flops_per_example: matmul FLOPs): a
+Compute is counted from each run's config (model.flops_per_example: matmul FLOPs): a
 puzzle evaluated for k supervision steps costs k forward ACT steps, so the FLOPs per solved
 puzzle after k steps are k * (forward FLOPs of one step) / (exact accuracy after k steps).
 "Halting by Q" is the adaptive point: each puzzle stops at the first step its Q-head says
@@ -33,6 +35,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 
 import jax
@@ -167,7 +170,7 @@ def config_of(run):
 
 def step_flops(cfg):
     """Forward matmul FLOPs of one supervision (ACT) step on one puzzle."""
-    return bench.model_flops_per_example(dataclasses.replace(cfg, N_sup=1), train_step=False)
+    return model.flops_per_example(dataclasses.replace(cfg, N_sup=1), train_step=False)
 
 
 def per_step_accuracy(run):
@@ -176,6 +179,21 @@ def per_step_accuracy(run):
     while f"eval/exact_accuracy_step{len(out) + 1}" in ev:
         out.append(ev[f"eval/exact_accuracy_step{len(out) + 1}"])
     return out
+
+
+def test_time_points(run):
+    """[(steps, K, exact, vote, any right, forward FLOPs per puzzle)] of the final
+    evaluation's test-time compute grid (train.py --eval_trajectories / a list of
+    --eval_halt_max_steps), in (K, steps) order."""
+    ev, points = run["eval"] or {}, []
+    for key, exact in ev.items():
+        found = re.fullmatch(r"eval/exact_accuracy@steps=(\d+),K=(\d+)", key)
+        if found:
+            at = key.split("@", 1)[1]
+            S, K = map(int, found.groups())
+            vote, oracle = ev.get(f"eval/vote_accuracy@{at}"), ev.get(f"eval/oracle_accuracy@{at}")
+            points.append((S, K, exact, vote, oracle, ev[f"eval/flops_per_puzzle@{at}"]))
+    return sorted(points, key=lambda p: (p[1], p[0]))
 
 
 def varying(runs):
@@ -200,6 +218,9 @@ def frontier_points(runs):
         for k, acc in enumerate(per_step_accuracy(r), start=1):
             if acc > 0:
                 points.append((k * fwd / acc, acc, r, f"{k} steps"))
+        for S, K, acc, *_, flops in test_time_points(r):
+            if acc > 0 and K > 1:
+                points.append((flops / acc, acc, r, f"{S} steps x {K} trajectories"))
         ev = r["eval"] or {}
         if ev.get("eval/halted_exact_accuracy", 0) > 0:
             acc, steps = ev["eval/halted_exact_accuracy"], ev["eval/halted_steps"]
@@ -341,6 +362,31 @@ def plots(runs, groups, out):
     ax.set_title("| marks each run's trained N_sup", fontsize=8)
     ax.legend(fontsize=6, ncol=2)
     save(fig, "per_step.png")
+
+    # test-time compute: accuracy against forward FLOPs per puzzle, a line per K over steps
+    grids = [(r, p) for r in runs if (p := test_time_points(r))]
+    if grids:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, (r, points) in enumerate(grids):
+            for j, K in enumerate(sorted({p[1] for p in points})):
+                line = [p for p in points if p[1] == K]
+                style = dict(color=f"C{j % 10}", marker="os^v"[i % 4])
+                ax.plot(
+                    [p[5] for p in line],
+                    [p[2] for p in line],
+                    "-",
+                    **style,
+                    label=f"{r['name']}: K={K}",
+                )
+                if K > 1:
+                    ax.plot([p[5] for p in line], [p[4] for p in line], ":", **style)
+            for S, K, exact, *_, flops in points:
+                if K == 1:
+                    ax.annotate(f"{S} steps", (flops, exact), fontsize=6)
+        ax.set(xscale="log", xlabel="forward FLOPs per puzzle", ylabel="exact accuracy")
+        ax.set_title("Q-head's choice (solid), any trajectory right (dotted)", fontsize=8)
+        ax.legend(fontsize=6)
+        save(fig, "test_time.png")
 
     # compute-accuracy frontier
     points = frontier_points(runs)
@@ -507,6 +553,29 @@ def results_md(runs, groups, images):
             for r, a in per_step
         ]
         md.append(table(["run", "N", *(str(k + 1) for k in range(K))], rows))
+
+    grids = [(r, p) for r in runs if (p := test_time_points(r))]
+    if grids:
+        md.append("\n## Test-time compute: supervision steps x trajectories\n")
+        md.append(
+            "Exact accuracy of the answer the Q head picks among K trajectories (trajectory 0 "
+            "without noise), of the majority answer, and of any trajectory being right.\n\n"
+        )
+        rows = [
+            [
+                r["name"],
+                S,
+                K,
+                fmt(exact),
+                fmt(vote) if K > 1 else "",
+                fmt(oracle) if K > 1 else "",
+                f"{flops / 1e9:.3g}",
+            ]
+            for r, points in grids
+            for S, K, exact, vote, oracle, flops in points
+        ]
+        header = ["run", "steps", "K", "exact (Q choice)", "vote", "any right", "GFLOP/puzzle"]
+        md.append(table(header, rows))
 
     front = pareto(frontier_points(runs))
     if front:

@@ -17,6 +17,7 @@
 #   # mini: ...                 the same for the mini-study; no such line: not in the mini-study
 #   # then: --eval_only ...     a second command after each finished run, with these flags added
 #   # skip: --a=2 --b=y         leave out the points with all of these (the same run as E1.1)
+#   # init_from: NAME           start from (or, with --eval_only, evaluate) RUNS/NAME's weights
 # --mini puts configs/mini.flags in place of the baseline, --smoke configs/smoke.flags (then
 # forces built-in data and 5 steps, and runs only the first point of each sweep).
 # A run directory with done.json (written by train.py at the end) is skipped; an interrupted
@@ -36,7 +37,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-phase1=(sudoku_mlp e1_3_batch)
+phase1=(sudoku_mlp e4_5_test_time e1_3_batch)
 phase2=(e2_1_ema_off e2_2_t_n_grid e2_3_attention e2_4_n_sup)
 phase3=(e3_1_model_size e3_2_data_size e3_3_augmentation e3_4_lr_vs_batch)
 phase4=(e4_1_curriculum e4_2_halting e4_3_precision e4_4_checkpoint_avg)
@@ -145,6 +146,7 @@ for e in "${experiments[@]}"; do
     [[ $mode == paper ]] || base="configs/$mode.flags"
     files=(--flagfile="$base")
     [[ $e == sudoku_mlp ]] || files+=(--flagfile="$file")
+    if from=$(directive "$file" init_from); then files+=(--init_from="$runs/$from"); fi
   elif [[ $mode == mini ]]; then
     echo "skip $e: not a roadmap experiment (the mini-study shrinks those)"; continue
   else

@@ -80,8 +80,27 @@ _PUZZLE_EMB_NDIM = flags.DEFINE_integer("puzzle_emb_ndim", None, "default: hidde
 _PUZZLE_EMB_LEN = flags.DEFINE_integer("puzzle_emb_len", 16, "prefix positions")
 _HALT_MAX_STEPS = flags.DEFINE_integer("halt_max_steps", 16, "N_sup: max supervision steps")
 _HALT_EXPLORATION_PROB = flags.DEFINE_float("halt_exploration_prob", 0.1, "")
-_EVAL_HALT_MAX_STEPS = flags.DEFINE_integer(
-    "eval_halt_max_steps", None, "N_sup at evaluation (default: halt_max_steps)"
+_EVAL_HALT_MAX_STEPS = flags.DEFINE_list(
+    "eval_halt_max_steps",
+    None,
+    "N_sup at evaluation (default: halt_max_steps); a list (16,32,64) runs the largest and "
+    "reports eval/exact_accuracy@steps=S,K=k after each",
+)
+_EVAL_TRAJECTORIES = flags.DEFINE_list(
+    "eval_trajectories",
+    None,
+    "test-time trajectories per puzzle, e.g. 1,4,16: runs the largest K, trajectory 0 without "
+    "noise, and reports for the first k of them the answer of the highest q_halt (also: any "
+    "right, majority vote); --eval_batch_size counts puzzles x K",
+)
+_EVAL_NOISE = flags.DEFINE_float(
+    "eval_noise",
+    0.3,
+    "std of the Gaussian noise added to the latent state at each supervision "
+    "step of trajectories 1..K-1 (PTRM, arXiv:2605.19943)",
+)
+_EVAL_NOISE_STATE = flags.DEFINE_enum(
+    "eval_noise_state", "z", ["z", "y", "both"], "the state --eval_noise perturbs: z, y or both"
 )
 _RMS_NORM_EPS = flags.DEFINE_float("rms_norm_eps", 1e-5, "")
 _ROPE_THETA = flags.DEFINE_float("rope_theta", 10000.0, "")
@@ -390,13 +409,23 @@ def init_state(cfg, tx, first_batch, mesh, seed, use_ema, use_swa=False):
 
 
 def make_steps(
-    cfg, mesh, tx, global_batch_size, ema_rate=None, *, exploration=None, swa_start=None
+    cfg,
+    mesh,
+    tx,
+    global_batch_size,
+    ema_rate=None,
+    *,
+    exploration=None,
+    swa_start=None,
+    ttc=None,
 ):
     """The jitted train step and eval step, data parallel over the mesh's 'data' axis.
 
     exploration: step -> halt exploration probability (annealing), or None for the config's.
     swa_start: keep the running mean of the weights after every step past this one.
+    ttc: the evaluation's test-time compute (TestTimeCompute; default: one trajectory).
     """
+    ttc = ttc or TestTimeCompute()
     rows, whole = P("data"), P()
 
     # Each device runs the model on its rows; losses and metric sums are added over devices.
@@ -459,41 +488,86 @@ def make_steps(
         }
         return state, metrics
 
+    K = max(ttc.trajectories)
+
     @functools.partial(jax.shard_map, mesh=mesh, in_specs=(whole, rows, rows), out_specs=whole)
     def eval_dp(params, carry, batch):
-        """N_sup steps on one batch: final-step metric sums, exact hits after each step, and
-        where the Q-head would halt each row (the first step it says halt, else N_sup) with
-        its exactness there: the adaptive-compute numbers."""
+        """N_sup steps on one batch of b puzzles run as K trajectories each (K * b rows,
+        trajectory-major, trajectory 0 unperturbed): final-step metric sums and where the
+        Q-head would halt (the first step it says halt, else N_sup) with the exactness
+        there, both of trajectory 0; exact hits after each step, of trajectory 0 and of the
+        answers the first k trajectories select for each k in ttc.trajectories."""
+        b = batch["inputs"].shape[0]
         has_labels = (batch["labels"] != model.IGNORE_LABEL).any(-1)  # not a padding row
+        rows_batch = jax.tree.map(lambda x: jnp.concatenate([x] * K), batch)
+        first = jnp.arange(K * b) < b
+        perturb = test_time_noise(cfg, ttc, rows_batch, b) if K > 1 and ttc.noise else None
 
         def one_step(c, _):
             carry, halt_at, exact_at = c
             _, (carry, metrics, out) = model.loss_fn(
-                params, cfg, carry, batch, train=False, global_batch_size=1
+                params,
+                cfg,
+                carry,
+                rows_batch,
+                train=False,
+                global_batch_size=1,
+                counted=first,
+                perturb=perturb,
             )
             wants = out["q_halt"] > (0 if cfg.no_ACT_continue else out["q_continue"])
-            first = (halt_at == 0) & (wants | (carry["steps"] >= cfg.N_sup))
-            halt_at = jnp.where(first, carry["steps"], halt_at)
-            exact_at = jnp.where(first, out["seq_correct"], exact_at)
-            exact = jnp.sum(out["seq_correct"] & has_labels)
-            return (carry, halt_at, exact_at), (metrics, exact)
+            now = (halt_at == 0) & (wants[:b] | (carry["steps"][:b] >= cfg.N_sup))
+            halt_at = jnp.where(now, carry["steps"][:b], halt_at)
+            exact_at = jnp.where(now, out["seq_correct"][:b], exact_at)
+            chosen = select_trajectories(out, rows_batch["labels"][:b], K, ttc.trajectories)
+            hits = {k: jnp.sum(v & has_labels, -1) for k, v in chosen.items()}
+            return (carry, halt_at, exact_at), (metrics, hits)
 
-        start = (carry, jnp.zeros_like(carry["steps"]), jnp.zeros_like(carry["halted"]))
-        (_, halt_at, exact_at), (metrics, exact_per_step) = jax.lax.scan(
-            one_step, start, length=cfg.N_sup
-        )
+        start = (carry, jnp.zeros_like(carry["steps"][:b]), jnp.zeros_like(carry["halted"][:b]))
+        (_, halt_at, exact_at), (metrics, hits) = jax.lax.scan(one_step, start, length=cfg.N_sup)
         final = jax.tree.map(lambda m: m[-1], metrics)
         adaptive = {
             "halted_exact_accuracy": jnp.sum(exact_at & has_labels),
             "halted_steps": jnp.sum(jnp.where(has_labels, halt_at, 0)),
         }
-        return jax.lax.psum(final | adaptive | {"exact_per_step": exact_per_step}, "data")
+        return jax.lax.psum(final | adaptive | hits, "data")
 
     @jax.jit
     def eval_step(params, batch):
-        return eval_dp(params, model.initial_carry(cfg, batch), batch)
+        trajectories = jax.tree.map(lambda x: jnp.concatenate([x] * K), batch)
+        return eval_dp(params, model.initial_carry(cfg, trajectories), batch)
 
     return train_step, eval_step
+
+
+def test_time_compute():
+    """The TestTimeCompute of --eval_halt_max_steps, --eval_trajectories, --eval_noise*: it
+    reports per step count and trajectory count when either flag asks for more than one."""
+
+    def counts(flag):
+        try:
+            values = tuple(sorted({int(v) for v in flag.value}))
+        except ValueError:
+            values = (0,)
+        if not values or values[0] < 1:
+            raise UserError(f"--{flag.name}={','.join(flag.value)}: positive integers, e.g. 1,4,16")
+        return values
+
+    steps = counts(_EVAL_HALT_MAX_STEPS) if _EVAL_HALT_MAX_STEPS.value else ()
+    ks = counts(_EVAL_TRAJECTORIES) if _EVAL_TRAJECTORIES.value else (1,)
+    if _EVAL_NOISE.value < 0:
+        raise UserError(f"--eval_noise={_EVAL_NOISE.value}: a standard deviation, >= 0")
+    if len(steps) == 1 and ks == (1,):
+        steps = ()  # one step count and one trajectory: the usual evaluation at that N_sup
+    elif not steps and ks != (1,):
+        steps = (_HALT_MAX_STEPS.value,)
+    noise = (_EVAL_NOISE.value, _EVAL_NOISE_STATE.value, _SEED.value)
+    return TestTimeCompute(steps, ks, *noise)
+
+
+def eval_n_sup(cfg):
+    """Supervision steps of an evaluation without a list of step counts."""
+    return int(_EVAL_HALT_MAX_STEPS.value[0]) if _EVAL_HALT_MAX_STEPS.value else cfg.N_sup
 
 
 def eval_batch_size(requested, num_devices):
@@ -503,19 +577,109 @@ def eval_batch_size(requested, num_devices):
     return -(-requested // num_devices) * num_devices
 
 
-def evaluate(eval_step, params, batches, to_global):
-    """Test metrics: means over the test examples of the final step's metric sums."""
+@dataclasses.dataclass(frozen=True)
+class TestTimeCompute:
+    """How an evaluation spends extra compute: the supervision steps after which it reports
+    exact accuracy, and K trajectories per puzzle (the largest of `trajectories` run;
+    selections are reported for the first k of them for each k), trajectory 0 unperturbed
+    and the others with Gaussian noise of std `noise` added to `noise_state` before each
+    supervision step (PTRM, arXiv:2605.19943). The noise of a trajectory depends on (seed,
+    test example, trajectory, step) only, so results do not depend on the batch or the
+    number of devices."""
+
+    steps: tuple = ()  # () = report nothing beyond the usual metrics
+    trajectories: tuple = (1,)
+    noise: float = 0.0
+    noise_state: str = "z"
+    seed: int = 0
+
+
+def test_time_noise(cfg, ttc, rows_batch, b):
+    """act_step's `perturb` for K * b trajectory-major rows: trajectory 0 unchanged."""
+    index = jnp.maximum(rows_batch["index"], 0)  # the test example of each row (-1: padding)
+    trajectory = jnp.arange(index.shape[0]) // b
+    scale = jnp.where(trajectory > 0, ttc.noise, 0.0)[:, None, None]
+    key = jax.random.key(ttc.seed)
+
+    def noise(index, trajectory, step):  # (2, L, D): for y and for z
+        k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, index), trajectory), step)
+        return jax.random.normal(k, (2, cfg.L, cfg.D))
+
+    def perturb(y, z, steps):
+        n = jax.vmap(noise)(index, trajectory, steps)
+        if ttc.noise_state in ("y", "both"):
+            y = (y + scale * n[:, 0]).astype(y.dtype)
+        if ttc.noise_state in ("z", "both"):
+            z = (z + scale * n[:, 1]).astype(z.dtype)
+        return y, z
+
+    return perturb
+
+
+def select_trajectories(out, labels_BxS, K, ks):
+    """Per puzzle (b of them, K trajectories each), whether the answer chosen among its
+    first k trajectories is right, for each k in ks: `exact@k` the highest q_halt's (the
+    model's own choice), `oracle@k` any of them, `vote@k` the answer most of them give
+    (ties to the higher q_halt); `exact@1` is trajectory 0's. Answers compare on the
+    labelled cells."""
+    b = labels_BxS.shape[0]
+    right = out["seq_correct"].reshape(K, b)
+    q = out["q_halt"].reshape(K, b)
+    answer = jnp.argmax(out["logits"], -1).reshape(K, b, -1)
+    mask = labels_BxS != model.IGNORE_LABEL
+    same = ((answer[:, None] == answer[None]) | ~mask[None, None]).all(-1)  # (K, K, b)
+
+    def pick(score):  # whether the answer of the best-scored trajectory is right
+        return jnp.take_along_axis(right, jnp.argmax(score, 0)[None], 0)[0]
+
+    chosen = {}
+    for k in sorted({1, *ks}):
+        chosen[f"exact@{k}"] = pick(q[:k])
+        if k > 1:
+            chosen[f"oracle@{k}"] = right[:k].any(0)
+            chosen[f"vote@{k}"] = pick(same[:k, :k].sum(1) + 0.5 * jax.nn.sigmoid(q[:k]))
+    return chosen
+
+
+def evaluate(eval_step, params, batches, to_global, cfg=None, ttc=None):
+    """Test metrics: means over the test examples of the final step's metric sums, exact
+    accuracy after each step, and for each of ttc.steps and trajectory count k (with cfg)
+    the accuracies of the selected answers and the forward FLOPs they cost per puzzle."""
     total = None
     for batch in batches:
         sums = eval_step(params, to_global(batch))
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     total = jax.device_get(total)  # replicated sums: every process holds them
     count = max(int(total.pop("count")), 1)
-    out = {f"eval/{k}": float(v) / count for k, v in total.items() if k != "exact_per_step"}
+    per_step = {k: total.pop(k) for k in list(total) if "@" in k}  # (N_sup,) hits each
+    out = {f"eval/{k}": float(v) / count for k, v in total.items()}
     out["eval/count"] = count
-    for i, hits in enumerate(total["exact_per_step"]):
+    for i, hits in enumerate(per_step["exact@1"]):
         out[f"eval/exact_accuracy_step{i + 1}"] = float(hits) / count
+    for S in ttc.steps if ttc else ():
+        flops = model.flops_per_example(dataclasses.replace(cfg, N_sup=S), train_step=False)
+        for name, hits in per_step.items():
+            how, k = name.split("@")
+            out[f"eval/{how}_accuracy@steps={S},K={k}"] = float(hits[S - 1]) / count
+            out[f"eval/flops_per_puzzle@steps={S},K={k}"] = int(k) * flops
     return out
+
+
+def test_time_lines(log, prefix, ttc):
+    """One progress line per reported step count: exact accuracy for each trajectory count
+    (the Q-head's choice; any right and majority vote in brackets)."""
+    for S in ttc.steps:
+        parts = []
+        for k in ttc.trajectories:
+            at = f"@steps={S},K={k}"
+            part = f"K={k} {log[f'{prefix}/exact_accuracy{at}']:.4f}"
+            if k > 1:
+                part += (
+                    f" (any {log[f'{prefix}/oracle_accuracy{at}']:.4f}, vote "
+                    f"{log[f'{prefix}/vote_accuracy{at}']:.4f})"
+                )
+            parts.append(part)
+        yield f"{prefix} after {S} steps: exact " + " | ".join(parts)
 
 
 # ----------------------------------------------------------------------------- main
@@ -596,9 +760,7 @@ def main(argv):
             f"--global_batch_size={B} does not divide over {mesh.size} devices "
             f"({jax.process_count()} processes x {jax.local_device_count()})"
         )
-    B_eval = eval_batch_size(_EVAL_BATCH_SIZE.value or B, mesh.size)
-    if B_eval != (_EVAL_BATCH_SIZE.value or B):
-        say(f"evaluation batches of {B_eval} rows: whole rows for each of {mesh.size} devices")
+    ttc = test_time_compute()
     row_sharding = NamedSharding(mesh, P("data"))
 
     def to_global(local_batch):  # this process's rows -> one array over all devices
@@ -618,10 +780,18 @@ def main(argv):
         if _TRAIN_PUZZLES.value is not None or _TRAIN_AUG.value is not None:
             train_ds = data.subset(train_ds, _TRAIN_PUZZLES.value, _TRAIN_AUG.value)
         cfg = model_config(train_ds["meta"])
-        eval_cfg = dataclasses.replace(cfg, N_sup=_EVAL_HALT_MAX_STEPS.value or cfg.N_sup)
+        eval_cfg = dataclasses.replace(cfg, N_sup=max(ttc.steps, default=eval_n_sup(cfg)))
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from e
     check_schedules(cfg)
+    # An evaluation batch holds B_eval puzzles x K trajectories: whole puzzles per device,
+    # and no more puzzles than the evaluation has.
+    K, requested = max(ttc.trajectories), _EVAL_BATCH_SIZE.value or B
+    num_eval = min(len(test_ds["inputs"]), _EVAL_MAX_EXAMPLES.value or len(test_ds["inputs"]))
+    B_eval = eval_batch_size(max(1, min(requested // K, num_eval)), mesh.size)
+    if B_eval * K != requested:
+        per = f" x {K} trajectories" if K > 1 else ""
+        say(f"evaluation batches of {B_eval} puzzles{per} ({mesh.size} devices)")
     meta = train_ds["meta"]
     examples_per_epoch = meta["total_groups"] * meta["mean_puzzle_examples"]
     # As the reference: the LR schedule spans epochs * examples / B steps; the run is
@@ -656,7 +826,7 @@ def main(argv):
     def train_step_for(T, n):  # one compiled step per curriculum stage
         return make_steps(dataclasses.replace(cfg, T=T, n=n), mesh, tx, B, **step_options)[0]
 
-    _, eval_step = make_steps(eval_cfg, mesh, tx, B)
+    _, eval_step = make_steps(eval_cfg, mesh, tx, B, ttc=ttc)
 
     # --- restore. Where the run starts, first match wins:
     #   1. the newest complete checkpoint in --workdir/ckpt: a restarted or preempted run goes
@@ -697,7 +867,7 @@ def main(argv):
     def run_eval(weights=None, prefix="eval"):
         t0 = time.time()
         batches = data.eval_batches(test_ds, B_eval, _EVAL_MAX_EXAMPLES.value, eval_rows)
-        log = evaluate(eval_step, eval_params(weights), batches, to_global)
+        log = evaluate(eval_step, eval_params(weights), batches, to_global, eval_cfg, ttc)
         log = {k.replace("eval/", f"{prefix}/", 1): v for k, v in log.items()}
         say(
             f"{prefix} @ {step}: exact {log[f'{prefix}/exact_accuracy']:.4f} | token "
@@ -706,6 +876,8 @@ def main(argv):
             f"{log[f'{prefix}/halted_steps']:.2f} steps | {log[f'{prefix}/count']} examples in "
             f"{time.time() - t0:.0f} s"
         )
+        for line in test_time_lines(log, prefix, ttc):
+            say(line)
         write(step, log)
         return log
 
@@ -722,6 +894,7 @@ def main(argv):
             run_eval(average_checkpoints(ckpt_dir, _AVERAGE_CHECKPOINTS.value, state), "eval_avg")
         else:
             run_evals()
+        mark_done(step)
         close()
         return
     if _AVERAGE_CHECKPOINTS.value:
@@ -795,12 +968,18 @@ def main(argv):
         say(f"{stop[0]}: stopped at step {step}; {where}; rerun the same command to resume")
     else:
         say(f"done: {num_steps} steps in {(time.time() - t_start) / 60:.1f} min")
-        if is_main and _WORKDIR.value:  # run_all.sh skips a run directory that has it
-            ckpt.kvstore(_WORKDIR.value).write(DONE, json.dumps({"step": step}).encode()).result()
+        mark_done(step)
     close()
 
 
 DONE = "done.json"
+
+
+def mark_done(step):
+    """done.json in --workdir (process 0): run_all.sh skips a run directory that has it."""
+    if jax.process_index() == 0 and _WORKDIR.value:
+        record = {"step": step} | ({"eval_only": True} if _EVAL_ONLY.value else {})
+        ckpt.kvstore(_WORKDIR.value).write(DONE, json.dumps(record).encode()).result()
 
 
 def check_schedules(cfg):

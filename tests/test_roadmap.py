@@ -3,6 +3,7 @@
 report.py on made-up runs whose answers are known."""
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -12,9 +13,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 from absl import flags
 from absl.testing import flagsaver
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 import bench
 import data
@@ -418,8 +423,9 @@ def test_smoke_runs_every_flagfile_then_report_reads_them(tmp_path):
     logs = [(tmp_path / f"half{i}.log").read_text() for i in range(2)]
     for code, log in zip(codes, logs, strict=True):
         assert code == 0, log[-5000:]
-    finished = sorted(p.parent.relative_to(tmp_path) for p in tmp_path.glob("**/done.json"))
-    assert len(finished) == 14, finished
+    finished = {str(p.parent.relative_to(tmp_path)) for p in tmp_path.glob("**/done.json")}
+    planned = dry("--smoke", "--runs=RUNS", "all")  # every run directory the smoke run makes
+    assert finished == {x.split("--workdir=RUNS/")[1].split()[0] for x in planned if x[0] == "+"}
     assert "eval_avg @ 5" in logs[1]  # E4.4's second command averaged its checkpoints
     report = run([sys.executable, "report.py", str(tmp_path), f"--out={tmp_path}/report"], env=cpu)
     assert report.returncode == 0, report.stderr[-3000:]
@@ -459,6 +465,13 @@ def test_report_tables_heat_map_front_and_power_law(tmp_path):
             [*small, f"--train_puzzles={puzzles}"],
             [{"exact_accuracy": 1 - 2 * puzzles**-0.5, "accuracy": 0.99}],
         )
+    grid = {"exact_accuracy": 0.5, "accuracy": 0.9}
+    for K, exact, vote, oracle in ((1, 0.5, None, None), (4, 0.6, 0.55, 0.7)):
+        grid[f"exact_accuracy@steps=2,K={K}"] = exact
+        grid[f"flops_per_puzzle@steps=2,K={K}"] = K * 1e9
+        if vote is not None:
+            grid |= {f"vote_accuracy@steps=2,K={K}": vote, f"oracle_accuracy@steps=2,K={K}": oracle}
+    fake_run(root / "e4_5_test_time", small, [grid])
     out = run(
         [sys.executable, "report.py", str(root), f"--out={tmp_path}/out", "--title=Test"],
         env=dict(os.environ, JAX_PLATFORMS="cpu"),
@@ -468,12 +481,20 @@ def test_report_tables_heat_map_front_and_power_law(tmp_path):
     assert text.startswith("# Test")
     assert "| T=2 | 0.2100 | 0.2300 |" in text  # the T x n table: rows T, columns n
     assert "| data | training puzzles | 4 | 2 | 0.500 | 1.00 |" in text  # a, b, R^2
-    fwd = bench.model_flops_per_example(
+    fwd = model.flops_per_example(
         model.Config(D=16, heads=2, puzzle_emb_ndim=16, puzzle_emb_len=1, N_sup=1, T=2, n=3),
         train_step=False,
     )
     assert f"| grid/H_cycles-2_L_cycles-3 | 2 steps | {2 * fwd / 0.23:.3g} | 0.2300 |" in text
-    for png in ("heatmap_T_n.png", "frontier.png", "scaling_data.png", "curves.png"):
+    assert "| e4_5_test_time | 2 | 4 | 0.6000 | 0.5500 | 0.7000 | 4 |" in text
+    assert "| e4_5_test_time | 2 | 1 | 0.5000 |  |  | 1 |" in text
+    for png in (
+        "heatmap_T_n.png",
+        "frontier.png",
+        "scaling_data.png",
+        "curves.png",
+        "test_time.png",
+    ):
         assert (tmp_path / "out" / png).stat().st_size > 1000
 
 
@@ -491,3 +512,76 @@ def test_report_says_clearly_when_there_are_no_runs(tmp_path):
         [sys.executable, "report.py", str(tmp_path)], env=dict(os.environ, JAX_PLATFORMS="cpu")
     )
     assert out.returncode == 1 and "report.py: error: no runs" in out.stderr
+
+
+# ----------------------------------------------------------------------------- test-time compute
+
+
+def test_trajectory_selection_by_q_halt_any_and_vote():
+    """3 puzzles x 4 trajectories with hand-set answers and q_halt: the highest q's answer,
+    any right answer, and the most common answer (a tie goes to the higher q)."""
+    K, b, right_answer = 4, 3, np.array([[2, 3], [4, 5], [6, 7]])
+    answers = np.array(  # [trajectory][puzzle]; 8,8 and 9,9 are wrong answers
+        [
+            [[2, 3], [9, 9], [6, 7]],
+            [[8, 8], [4, 5], [9, 9]],
+            [[2, 3], [4, 5], [9, 9]],
+            [[2, 3], [9, 9], [6, 7]],
+        ]
+    )
+    q = np.array([[0.0, 5.0, -1.0], [1.0, -2.0, 0.5], [-3.0, -1.0, 0.2], [-4.0, 0.0, 3.0]])
+    out = {
+        "logits": jnp.asarray(np.eye(11)[answers].reshape(K * b, 2, 11)),
+        "q_halt": jnp.asarray(q.reshape(-1)),
+        "seq_correct": jnp.asarray((answers == right_answer[None]).all(-1).reshape(-1)),
+    }
+    chosen = jax.device_get(train.select_trajectories(out, jnp.asarray(right_answer), K, (2, 4)))
+    expected = {
+        "exact@1": [True, False, True],  # trajectory 0 alone
+        "exact@2": [False, False, False],  # the higher q of the first two: 1, 0, 1
+        "oracle@2": [True, True, True],
+        "vote@2": [False, False, False],  # 1 vote each: the higher q's answer
+        "exact@4": [False, False, True],  # the highest q: trajectories 1, 0, 3
+        "oracle@4": [True, True, True],
+        "vote@4": [True, False, True],  # 3 of 4; 2 vs 2 -> q=5's; 2 vs 2 -> q=3's
+    }
+    assert {k: v.tolist() for k, v in chosen.items()} == expected
+
+
+def test_test_time_compute_is_the_same_on_1_and_8_devices(tmp_path):
+    """K = 4 noisy trajectories, reported after 2 and 4 steps: the same numbers on 1 and 8
+    devices (the noise follows the test example, not its row or device), trajectory 0 is the
+    plain evaluation, and the noise changes the other trajectories' answers."""
+    path = data.build_builtin(str(tmp_path), 4, 25, 40, 45, 0, seed=0)
+    test_ds = data.load([path], "test")
+    cfg = tiny(num_puzzle_identifiers=test_ds["meta"]["num_puzzle_identifiers"], N_sup=4)
+    params = model.init_params(jax.random.key(0), cfg)
+    w = jax.random.normal(jax.random.key(1), (cfg.D, 2))  # q-halt varies: no ties in choice
+    params = params | {"q_head": {"w": w, "b": params["q_head"]["b"]}}
+    # Labels = the unperturbed model's own answers after 4 steps: trajectory 0 is right.
+    logits, _ = model.predict(params, cfg, test_ds["inputs"], test_ds["puzzle_identifiers"])
+    test_ds = test_ds | {"labels": np.asarray(jnp.argmax(logits, -1), np.int32)}
+    ttc = train.TestTimeCompute(steps=(2, 4), trajectories=(1, 4), noise=1.0, seed=3)
+    results = {}
+    for n in (1, 8):
+        mesh = jax.make_mesh(
+            (n,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n]
+        )
+        sharding = jax.sharding.NamedSharding(mesh, P("data"))
+        B = train.eval_batch_size(5, n)
+        _, eval_step = train.make_steps(cfg, mesh, optax.sgd(0.0), B, ttc=ttc)
+        batches = data.eval_batches(test_ds, B, None, train.process_rows(sharding, B))
+        put = functools.partial(jax.device_put, device=sharding)
+        results[n] = train.evaluate(eval_step, params, batches, put, cfg, ttc)
+    one = results[1]
+    assert one["eval/exact_accuracy@steps=4,K=1"] == one["eval/exact_accuracy_step4"] == 1.0
+    assert one["eval/exact_accuracy@steps=2,K=1"] == one["eval/exact_accuracy_step2"]
+    assert one["eval/oracle_accuracy@steps=4,K=4"] == 1.0
+    assert (
+        one["eval/vote_accuracy@steps=4,K=4"] < 1.0 or one["eval/exact_accuracy@steps=4,K=4"] < 1.0
+    )
+    fwd = model.flops_per_example(dataclasses.replace(cfg, N_sup=2), train_step=False)
+    assert one["eval/flops_per_puzzle@steps=2,K=4"] == 4 * fwd
+    assert results[8].keys() == one.keys()
+    for k, v in one.items():  # selections exactly, sums of losses to float rounding
+        assert results[8][k] == v if "@" in k else abs(results[8][k] - v) <= 1e-6 * abs(v), k

@@ -9,7 +9,6 @@ import sys
 import jax
 import pytest
 
-import bench
 import model
 from test_model import batch_of, tiny
 
@@ -75,13 +74,13 @@ def test_model_flops_match_xla_cost_analysis(T, mlp_t):
         return model.loss_fn(params, cfg, carry, batch, train=True, global_batch_size=4)[0]
 
     xla = jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()["flops"]
-    ours = 4 * bench.model_flops_per_example(cfg)
+    ours = 4 * model.flops_per_example(cfg)
     assert 1.0 <= xla / ours < 1.04, (xla, ours)
 
 
 def test_model_flops_of_the_paper_config():
     """The issue's figure: 42.7 GFLOP per example and train step for Sudoku-MLP."""
-    assert round(bench.model_flops_per_example(model.Config()) / 1e9, 1) == 42.7
+    assert round(model.flops_per_example(model.Config()) / 1e9, 1) == 42.7
 
 
 FAKE_LOSSES = """

@@ -176,7 +176,8 @@ def test_short_training_run_lowers_the_loss(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "steps/s" in out.stdout and "ETA" in out.stdout and "eval @ 60" in out.stdout
-    assert "evaluation batches of 8 rows" in out.stdout and "| 20 examples in" in out.stdout
+    assert "evaluation batches of 8 puzzles (4 devices)" in out.stdout
+    assert "| 20 examples in" in out.stdout
     logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     train_losses = [m["train/loss"] for m in logs if "train/loss" in m]
     assert train_losses[-1] < 0.8 * train_losses[0], train_losses
@@ -219,6 +220,8 @@ def test_nan_loss_stops_the_run_with_the_step(tmp_path):
         (["--data_paths=/nonexistent"], "No dataset at /nonexistent/train/dataset.json"),
         (["--global_batch_size=6"], "--global_batch_size=6 does not divide over 4 devices"),
         (["--H_cycles=0", "--builtin_train=4", "--builtin_test=4"], r"Invalid Config \(T/n"),
+        (["--eval_trajectories=0,4"], "--eval_trajectories=0,4: positive integers"),
+        (["--eval_halt_max_steps=16,x"], "--eval_halt_max_steps=16,x: positive integers"),
     ],
 )
 def test_user_mistakes_are_reported_without_a_traceback(tmp_path, args, message):
