@@ -309,23 +309,14 @@ def test_run_all_takes_the_interpreter_from_PYTHON(tmp_path):
     for name in ("python3", "bash", "dirname", "cat"):
         (tmp_path / name).symlink_to(shutil.which(name))
     env = {"PATH": str(tmp_path)}
-    out = subprocess.run(
-        ["bash", "run_all.sh", "--dry_run", "sudoku_cpu"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-        env=env,
-    )
+
+    def dry_run(env):
+        cmd = ["bash", "run_all.sh", "--dry_run", "sudoku_cpu"]
+        return subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT, env=env)
+
+    out = dry_run(env)
     assert out.stdout.startswith("+ python3 train.py"), out.stderr
-    out = subprocess.run(
-        ["bash", "run_all.sh", "--dry_run", "sudoku_cpu"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-        env=env | {"PYTHON": "nope/py"},
-    )
+    out = dry_run(env | {"PYTHON": "nope/py"})
     assert out.returncode == 2 and "no interpreter nope/py" in out.stderr
 
 
