@@ -449,11 +449,11 @@ def loss_fn(
     """One ACT step and its loss; returns (loss, (carry, metric sums, outputs)).
 
     loss = [sum over rows of the mean token CE of the row + 0.5 * (q-halt BCE + q-continue
-    BCE)] / global_batch_size, over the rows with labels (padding rows have none). The q-halt
-    target is whether the row's current argmax answer is entirely right. Metrics are sums
-    over the rows that halted this step (count is their number), as the reference reports
-    them; divide by count (or the batch) to get means. `counted` (bool per row) restricts the
-    loss and metrics to those rows; `perturb` is act_step's.
+    BCE)] / global_batch_size. The q-halt target is whether the row's current argmax answer
+    is entirely right. Metrics are sums over the rows with labels that halted this step (count
+    is their number), as the reference reports them; divide by count (or the batch) to get
+    means. `counted` (bool per row; evaluation leaves out padding rows and noisy
+    trajectories) restricts the loss and metrics to those rows; `perturb` is act_step's.
     """
     carry, out = act_step(params, cfg, carry, batch, train, min_steps, perturb)
     labels = carry["data"]["labels"]  # the labels of the rows actually processed
@@ -463,18 +463,17 @@ def loss_fn(
     correct = mask & (jnp.argmax(out["logits"], -1) == labels)
     seq_correct = correct.sum(-1) == counts
 
-    # Rows without a single label are padding (evaluation's last batch): no loss at all.
-    labelled = (counts > 0) if counted is None else (counts > 0) & counted
+    counted = jnp.ones_like(seq_correct) if counted is None else counted
     ce = cross_entropy(out["logits"], labels, cfg.loss_type).sum(-1) / divisor
-    lm_loss = jnp.sum(jnp.where(labelled, ce, 0))
-    q_halt_loss = jnp.sum(jnp.where(labelled, bce_with_logits(out["q_halt"], seq_correct), 0))
+    lm_loss = jnp.sum(jnp.where(counted, ce, 0))
+    q_halt_loss = jnp.sum(jnp.where(counted, bce_with_logits(out["q_halt"], seq_correct), 0))
     q_continue_loss = 0.0
     if "q_continue_target" in out:
         bce = bce_with_logits(out["q_continue"], out["q_continue_target"])
-        q_continue_loss = jnp.sum(jnp.where(labelled, bce, 0))
+        q_continue_loss = jnp.sum(jnp.where(counted, bce, 0))
     loss = (lm_loss + 0.5 * (q_halt_loss + q_continue_loss)) / global_batch_size
 
-    valid = carry["halted"] & labelled
+    valid = carry["halted"] & (counts > 0) & counted
     metrics = {
         "count": valid.sum(),
         "accuracy": jnp.sum(jnp.where(valid, correct.sum(-1) / divisor, 0.0)),

@@ -500,7 +500,7 @@ def make_steps(
         b = batch["inputs"].shape[0]
         has_labels = (batch["labels"] != model.IGNORE_LABEL).any(-1)  # not a padding row
         rows_batch = jax.tree.map(lambda x: jnp.concatenate([x] * K), batch)
-        first = jnp.arange(K * b) < b
+        first = (jnp.arange(K * b) < b) & jnp.concatenate([has_labels] * K)  # no padding
         perturb = test_time_noise(cfg, ttc, rows_batch, b) if K > 1 and ttc.noise else None
 
         def one_step(c, _):
