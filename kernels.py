@@ -105,10 +105,18 @@ def vmem_bytes(bs: BlockSizes, B, L, D, Ft, F, dtype, injection=True) -> int:
     return weights + tiles + scratch + token_tmp + channel_tmp
 
 
+def target_platform() -> str:
+    """The platform being traced for: that of the mesh's devices inside shard_map (a TPU
+    slice when bench.py --aot compiles for one on a CPU machine), else the default backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return jax.default_backend() if device is None else device.platform
+
+
 def vmem_capacity() -> int:
-    """VMEM per TensorCore of the attached TPU; v4's (the smallest) when none is attached
-    (interpret mode, or lowering for TPU on another machine)."""
-    if jax.devices()[0].platform == "tpu":
+    """VMEM per TensorCore of the TPU traced for (`target_platform`; under shard_map that of
+    the mesh's chips, e.g. 128 MiB for v5e or v6e); v4's (the smallest) when the target is
+    not a TPU (interpret mode)."""
+    if target_platform() == "tpu":
         return pltpu.get_tpu_info().vmem_capacity_bytes
     return V4_VMEM
 
@@ -391,13 +399,13 @@ def _t(a, dtype, barrier=False):
     when several devices shared the process (the token mixing of 8 devices x 2 rows then
     differed from 1 device x 16 rows: tests/test_train.py).
 
-    bfloat16 on CPU: materialised row-major, so that the matmul is a plain (M, K) @ (K, N),
-    the only form YNNPACK's bfloat16 kernels take (see `dot`): XLA:CPU upcasts any other to
-    float32 first, at a fifth to an eighth of the speed. The barriers keep XLA from folding
-    the transpose into the matmul that reads it or the one that made `a`; the reshape gives
-    the result a row-major layout (a transpose's own is column-major, which also sends it
-    to float32). Other backends: as float32."""
-    if dtype != jnp.bfloat16 or jax.default_backend() != "cpu":
+    bfloat16 for CPU (`target_platform`): materialised row-major, so that the matmul is a
+    plain (M, K) @ (K, N), the only form YNNPACK's bfloat16 kernels take (see `dot`):
+    XLA:CPU upcasts any other to float32 first, at a fifth to an eighth of the speed. The
+    barriers keep XLA from folding the transpose into the matmul that reads it or the one
+    that made `a`; the reshape gives the result a row-major layout (a transpose's own is
+    column-major, which also sends it to float32). Other backends: as float32."""
+    if dtype != jnp.bfloat16 or target_platform() != "cpu":
         return jax.lax.optimization_barrier(a.T) if barrier else a.T
     a_t = jax.lax.optimization_barrier(a).T
     return jax.lax.optimization_barrier(a_t.reshape(1, *a_t.shape))[0]

@@ -183,10 +183,11 @@ def retain_host_memory() -> bool:
     return all([mallopt(option, value) == 1 for option, value in settings])  # each one tried
 
 
-def kernel_choice() -> str:
+def kernel_choice(platform=None) -> str:
     """--kernel=auto: the fused Pallas kernel (kernels.py) for the MLP-mixer on TPU, where it
-    compiles; the XLA path elsewhere (CPU, GPU, attention)."""
-    platform, kernel = jax.devices()[0].platform, _KERNEL.value
+    compiles; the XLA path elsewhere (CPU, GPU, attention). `platform`: the one compiled for
+    (default: this machine's; bench.py --aot compiles for a TPU on a CPU machine)."""
+    platform, kernel = platform or jax.devices()[0].platform, _KERNEL.value
     if kernel == "auto":
         return "pallas" if platform == "tpu" and _MLP_T.value else "xla"
     if kernel == "pallas" and not _MLP_T.value:
@@ -199,7 +200,7 @@ def kernel_choice() -> str:
     return kernel
 
 
-def model_config(meta) -> model.Config:
+def model_config(meta, platform=None) -> model.Config:
     return model.Config(
         vocab_size=meta["vocab_size"],
         seq_len=meta["seq_len"],
@@ -223,7 +224,7 @@ def model_config(meta) -> model.Config:
         forward_dtype=_FORWARD_DTYPE.value,
         no_ACT_continue=_NO_ACT_CONTINUE.value,
         loss_type=_LOSS_TYPE.value,
-        kernel=kernel_choice(),
+        kernel=kernel_choice(platform),
         interpret=_INTERPRET.value,
         halt_step_penalty=_HALT_STEP_PENALTY.value,
     )
@@ -356,9 +357,10 @@ def optimizer(total_steps):
 # ----------------------------------------------------------------------------- steps
 
 
-def init_state(cfg, tx, first_batch, mesh, seed, use_ema, use_swa=False):
-    """The whole train state, built on the devices by one jitted function (the same on every
-    host): replicated over the mesh, except the carry, split by rows like the batch."""
+def state_layout(cfg, tx, first_batch, mesh, seed, use_ema, use_swa=False):
+    """(init, shapes, shardings) of the whole train state: init(first_batch) builds it (the
+    same on every host); it is replicated over the mesh, except the carry, split by rows like
+    the batch. `first_batch` may hold arrays or jax.ShapeDtypeStructs (shapes only)."""
 
     def init(batch):
         params = model.init_params(jax.random.key(seed), cfg)
@@ -379,6 +381,12 @@ def init_state(cfg, tx, first_batch, mesh, seed, use_ema, use_swa=False):
     shapes = jax.eval_shape(init, first_batch)
     shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), shapes)
     shardings["carry"] = jax.tree.map(lambda _: NamedSharding(mesh, P("data")), shapes["carry"])
+    return init, shapes, shardings
+
+
+def init_state(cfg, tx, first_batch, mesh, seed, use_ema, use_swa=False):
+    """The whole train state, built on the devices by one jitted function (`state_layout`)."""
+    init, _, shardings = state_layout(cfg, tx, first_batch, mesh, seed, use_ema, use_swa)
     return jax.jit(init, out_shardings=shardings)(first_batch)
 
 
@@ -566,6 +574,84 @@ def process_rows(sharding, batch_size):
     return slice(spans[0][0], spans[-1][1])
 
 
+def data_mesh(devices=None):
+    """One 'data' axis over `devices` (default: every device of every host). bench.py --aot
+    passes the chips of a TPU slice described without one (jax.experimental.topologies)."""
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+
+
+def batch_sizes(mesh):
+    """(global, eval) batch sizes, each checked to divide over the mesh's devices."""
+    B, B_eval = _GLOBAL_BATCH_SIZE.value, _EVAL_BATCH_SIZE.value or _GLOBAL_BATCH_SIZE.value
+    hosts = len({d.process_index for d in mesh.devices.flat})
+    for name, size in (("global_batch_size", B), ("eval_batch_size", B_eval)):
+        if size % mesh.size:
+            raise UserError(
+                f"--{name}={size} does not divide over {mesh.size} devices "
+                f"({hosts} processes x {mesh.size // hosts})"
+            )
+    return B, B_eval
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What the flags make of a training split's metadata and a mesh (`setup`)."""
+
+    cfg: model.Config  # the trained model (its final curriculum stage)
+    eval_cfg: model.Config  # the evaluated one (N_sup: --eval_halt_max_steps)
+    tx: optax.GradientTransformation
+    lr: object  # step -> learning rate
+    examples_per_epoch: float
+    total_steps: int  # the LR schedule's length
+    eval_every: int
+    num_steps: int  # steps run (--max_steps may stop early)
+    train_step_for: object  # (T, n) -> the jitted train step of that curriculum stage
+    eval_step: object  # the jitted eval step
+
+
+def setup(meta, mesh, platform=None) -> Run:
+    """The model, the optimiser, the run's length and the jitted steps, from the flags, the
+    training split's metadata (data.load(...)["meta"]) and a mesh: what train.py runs and
+    what bench.py --aot compiles for a TPU slice (`platform`: the one compiled for)."""
+    B = _GLOBAL_BATCH_SIZE.value
+    try:
+        cfg = model_config(meta, platform)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    eval_cfg = dataclasses.replace(cfg, N_sup=_EVAL_HALT_MAX_STEPS.value or cfg.N_sup)
+    check_schedules(cfg)
+    examples_per_epoch = meta["total_groups"] * meta["mean_puzzle_examples"]
+    # As the reference: the LR schedule spans epochs * examples / B steps; the run is
+    # epochs / eval_interval rounds of eval_interval epochs, each ending in an evaluation.
+    if _EPOCHS.value % _EVAL_INTERVAL.value:
+        raise UserError(
+            f"--eval_interval={_EVAL_INTERVAL.value} must divide --epochs={_EPOCHS.value}"
+        )
+    total_steps = int(_EPOCHS.value * examples_per_epoch / B)
+    eval_every = int(_EVAL_INTERVAL.value * examples_per_epoch / B)
+    if eval_every < 1:
+        raise UserError(f"--eval_interval={_EVAL_INTERVAL.value} epochs is less than one batch")
+    num_steps = _EPOCHS.value // _EVAL_INTERVAL.value * eval_every
+    num_steps = min(num_steps, _MAX_STEPS.value or num_steps)
+    tx, lr = optimizer(total_steps)
+    step_options = dict(
+        ema_rate=_EMA_RATE.value if _EMA.value else None,
+        exploration=exploration_schedule(total_steps),
+        swa_start=_SWA_START.value,
+    )
+
+    @functools.cache
+    def train_step_for(T, n):  # one compiled step per curriculum stage
+        return make_steps(dataclasses.replace(cfg, T=T, n=n), mesh, tx, B, **step_options)[0]
+
+    _, eval_step = make_steps(eval_cfg, mesh, tx, B)
+    return Run(
+        cfg, eval_cfg, tx, lr, examples_per_epoch, total_steps, eval_every, num_steps,
+        train_step_for, eval_step,
+    )  # fmt: skip
+
+
 def main(argv):
     del argv
     if _RETAIN_HOST_MEMORY.value:
@@ -574,15 +660,8 @@ def main(argv):
     is_main = jax.process_index() == 0  # only process 0 prints and writes
     say = functools.partial(print, flush=True) if is_main else lambda *_: None
 
-    # --- mesh: one 'data' axis over every device of every host
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
-    B, B_eval = _GLOBAL_BATCH_SIZE.value, _EVAL_BATCH_SIZE.value or _GLOBAL_BATCH_SIZE.value
-    for name, size in (("global_batch_size", B), ("eval_batch_size", B_eval)):
-        if size % mesh.size:
-            raise UserError(
-                f"--{name}={size} does not divide over {mesh.size} devices "
-                f"({jax.process_count()} processes x {jax.local_device_count()})"
-            )
+    mesh = data_mesh()
+    B, B_eval = batch_sizes(mesh)
     row_sharding = NamedSharding(mesh, P("data"))
 
     def to_global(local_batch):  # this process's rows -> one array over all devices
@@ -601,46 +680,22 @@ def main(argv):
         train_ds, test_ds = data.load(paths, "train"), data.load(paths, "test")
         if _TRAIN_PUZZLES.value is not None or _TRAIN_AUG.value is not None:
             train_ds = data.subset(train_ds, _TRAIN_PUZZLES.value, _TRAIN_AUG.value)
-        cfg = model_config(train_ds["meta"])
-        eval_cfg = dataclasses.replace(cfg, N_sup=_EVAL_HALT_MAX_STEPS.value or cfg.N_sup)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from e
-    check_schedules(cfg)
-    meta = train_ds["meta"]
-    examples_per_epoch = meta["total_groups"] * meta["mean_puzzle_examples"]
-    # As the reference: the LR schedule spans epochs * examples / B steps; the run is
-    # epochs / eval_interval rounds of eval_interval epochs, each ending in an evaluation.
-    if _EPOCHS.value % _EVAL_INTERVAL.value:
-        raise UserError(
-            f"--eval_interval={_EVAL_INTERVAL.value} must divide --epochs={_EPOCHS.value}"
-        )
-    total_steps = int(_EPOCHS.value * examples_per_epoch / B)
-    eval_every = int(_EVAL_INTERVAL.value * examples_per_epoch / B)
-    if eval_every < 1:
-        raise UserError(f"--eval_interval={_EVAL_INTERVAL.value} epochs is less than one batch")
-    num_steps = _EPOCHS.value // _EVAL_INTERVAL.value * eval_every
-    num_steps = min(num_steps, _MAX_STEPS.value or num_steps)
+    run = setup(train_ds["meta"], mesh)
+    cfg, tx, lr, train_step_for, eval_step = (
+        run.cfg, run.tx, run.lr, run.train_step_for, run.eval_step
+    )  # fmt: skip
+    num_steps, eval_every = run.num_steps, run.eval_every
     sample = data.train_sampler(train_ds, B, _SEED.value, process_rows(row_sharding, B))
     eval_rows = process_rows(row_sharding, B_eval)
 
     # --- init: the same params on every host from the same seed
-    tx, lr = optimizer(total_steps)
     batch, cursor = sample(0)
     swa_start = _SWA_START.value
     state = init_state(
         cfg, tx, to_global(batch), mesh, _SEED.value, _EMA.value, swa_start is not None
     )
-    step_options = dict(
-        ema_rate=_EMA_RATE.value if _EMA.value else None,
-        exploration=exploration_schedule(total_steps),
-        swa_start=swa_start,
-    )
-
-    @functools.cache
-    def train_step_for(T, n):  # one compiled step per curriculum stage
-        return make_steps(dataclasses.replace(cfg, T=T, n=n), mesh, tx, B, **step_options)[0]
-
-    _, eval_step = make_steps(eval_cfg, mesh, tx, B)
 
     # --- restore. Where the run starts, first match wins:
     #   1. the newest complete checkpoint in --workdir/ckpt: a restarted or preempted run goes
@@ -665,7 +720,7 @@ def main(argv):
     )
     say(
         f"{cfg}\n{model.num_params(state['params']):,} params | {num_steps} steps "
-        f"({_EPOCHS.value} epochs of {examples_per_epoch} examples) | batch {B} on "
+        f"({_EPOCHS.value} epochs of {run.examples_per_epoch} examples) | batch {B} on "
         f"{mesh.size} devices, {jax.process_count()} processes | peak lr "
         f"{float(lr(max(1, _LR_WARMUP_STEPS.value))):.3g}"
         + (f" | resumed from {ckpt_dir}/step_{step:08d}" if step else "")
