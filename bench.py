@@ -61,6 +61,9 @@ _TORCH_REF = flags.DEFINE_string(
     "torch_ref", None, "a clone of the official PyTorch TRM: time its train step alternately"
 )
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "--torch_ref: alternating rounds of --steps each")
+_AOT = flags.DEFINE_string(
+    "aot", None, "compile for this TPU slice here, without one (e.g. v4-32), and report (aot.py)"
+)
 
 SUDOKU_META = {"vocab_size": 11, "seq_len": 81, "num_puzzle_identifiers": 1}
 
@@ -448,7 +451,11 @@ def main(argv):
     del argv
     if train._RETAIN_HOST_MEMORY.value:  # as train.py does; --noretain_host_memory to compare
         train.retain_host_memory()
-    if _TORCH_REF.value:
+    if _AOT.value:
+        import aot  # noqa: PLC0415
+
+        aot.main(_AOT.value, _JSON.value, model_flops_per_example)
+    elif _TORCH_REF.value:
         result = side_by_side(train.model_config(SUDOKU_META), train._GLOBAL_BATCH_SIZE.value)
         if _JSON.value:
             print(json.dumps(result))

@@ -1,0 +1,120 @@
+"""bench.py --aot: train.py's steps compiled for TPU slices on this CPU machine (libtpu as a
+compiler only), what the compiler says of them, and run_all.sh --aot's table."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import aot
+
+ROOT = pathlib.Path(__file__).parents[1]
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason='needs libtpu: pip install "jax[tpu]"'
+)
+SMOKE = ["--flagfile=configs/smoke.flags"]
+
+
+def bench(*args):
+    """bench.py in a process of its own: (exit code, stdout, stderr, the --json object)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "bench.py", *args], capture_output=True, text=True, cwd=ROOT, env=env,
+        check=False,
+    )  # fmt: skip
+    lines = out.stdout.strip().splitlines()
+    result = json.loads(lines[-1]) if "--json" in args and out.returncode == 0 else None
+    return out.returncode, out.stdout, out.stderr, result
+
+
+def test_collectives_of_an_optimised_hlo_text():
+    """Ops, counts and result bytes; async starts count their results only; host transfers."""
+    hlo = """
+  %all-reduce.42 = (f32[1536,512]{1,0:T(8,128)S(3)}, bf16[97]{0}, s32[]{:T(128)}) all-reduce(%a)
+  %all-reduce.41 = s32[768]{0:T(1024)S(3)} all-reduce(%d), channel_id=22
+  %ag = (f32[4,8]{1,0}, f32[16,8]{1,0}, u32[], u32[]) all-gather-start(%e), dimensions={0}
+  %done = f32[16,8]{1,0} all-gather-done(%ag)
+  ROOT %cp = f32[2,2]{1,0} collective-permute(%f), source_target_pairs={{0,1}}
+  %s = (f32[8]{0}, u32[], token[]) send(%g, %t), channel_id=5
+  %x = f32[8]{0} add(%y, %z)
+"""
+    ops, host = aot.collectives(hlo)
+    assert ops == {
+        "all-reduce": (2, 1536 * 512 * 4 + 97 * 2 + 4 + 768 * 4),
+        "all-gather": (1, 16 * 8 * 4),
+        "collective-permute": (1, 16),
+    }
+    assert host == 1
+
+
+def test_without_libtpu_one_line_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit, match=r'pip install "jax\[tpu\]==0\.10\.2"'):
+        aot.use_compile_only_tpu("v4-8")
+
+
+def test_unknown_slice_and_missing_unknown_data_are_one_line_errors():
+    code, _, err, _ = bench(*SMOKE, "--aot=v4-7")
+    assert code != 0 and "Traceback" not in err
+    assert "bench.py: --aot: unknown slice 'v4-7'; known: v4-8," in err
+    code, _, err, _ = bench(*SMOKE, "--aot=v4-8", "--data_paths=data/nowhere")
+    assert code != 0 and "Traceback" not in err
+    assert "--data_paths=data/nowhere: not on this machine and of no known kind" in err
+
+
+@needs_libtpu
+def test_two_hosts_compile_and_the_gradients_are_one_all_reduce_of_the_params():
+    """v4-16: 8 chips over 2 hosts, the mesh train.py --distributed builds over them. The
+    train step exchanges gradients once: all-reduces of about the parameters' bytes (plus the
+    metric sums), and moves nothing to or from the host. No libtpu warning reaches stderr."""
+    code, out, err, r = bench(*SMOKE, "--aot=v4-16", "--kernel=pallas", "--json")
+    assert code == 0, err[-3000:]
+    assert (r["slice"], r["chips"], r["hosts"]) == ("v4-16", 8, 2)
+    assert "TPU_ACCELERATOR_TYPE" not in err and "TPU_WORKER_HOSTNAMES" not in err, err
+    assert [line for line in err.splitlines() if not line.startswith("aot v4-16:")] == [], err
+    train, ev = r["rows"]
+    assert (train["program"], ev["program"]) == ("train T=1 n=2", "eval")
+    assert train["fits"] and ev["fits"] and train["temp_bytes"] > 0
+    grads = train["collectives"]["all-reduce"]
+    assert r["param_bytes"] <= grads["bytes"] <= 1.1 * r["param_bytes"] + 2**16, grads
+    assert grads["count"] <= 3 and set(train["collectives"]) == {"all-reduce"}
+    assert train["host_transfers"] == 0 and ev["host_transfers"] == 0
+    assert train["roofline_s"] > 0 and r["estimate"]["pallas"]["train_h"] > 0
+    assert "ESTIMATE" in out and "fits" in out
+
+
+@needs_libtpu
+def test_a_program_too_big_for_hbm_is_reported_with_the_numbers():
+    """4M rows per step: the compiler's out-of-memory error, in one line of the report."""
+    code, out, err, r = bench(
+        *SMOKE, "--aot=v4-8", "--kernel=xla", "--global_batch_size=4194304",
+        "--builtin_train=4194304", "--eval_batch_size=8", "--json",
+    )  # fmt: skip
+    assert code == 0 and "Traceback" not in err, err[-3000:]
+    train = r["rows"][0]
+    assert not train["fits"] and r["estimate"]["xla"] is None
+    assert train["error"].startswith("does not fit in HBM: Ran out of memory on HBM"), train
+    assert "exceeds available HBM (30.75G)" in train["error"]
+    assert "NOT COMPILED" in out and "does not fit in HBM" in out
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_sudoku_mlp_with_the_kernel_compiles_for_v4_8_and_fits():
+    """The paper's run: Sudoku-MLP, batch 768, bfloat16, the Pallas kernel, on a v4-8
+    (4 chips, 192 rows each). About 5 minutes on 2 CPU cores."""
+    code, _, err, r = bench(
+        "--flagfile=configs/sudoku_mlp.flags", "--aot=v4-8", "--kernel=pallas", "--json"
+    )
+    assert code == 0, err[-3000:]
+    assert r["global_batch_size"] == 768 and r["config"]["forward_dtype"] == "bfloat16"
+    assert r["num_steps"] == 65100  # 50000 epochs of 1000 puzzles at batch 768
+    assert all(x["fits"] for x in r["rows"]), r["rows"]
+    train = r["rows"][0]
+    assert train["total_bytes"] < 8 * 2**30  # 4.0 GiB measured
+    grads = train["collectives"]["all-reduce"]
+    assert r["param_bytes"] <= grads["bytes"] <= 1.01 * r["param_bytes"], grads
