@@ -29,6 +29,11 @@
 #   jax[tpu], copies --data to ~/trmx/data, then starts each run on all workers at once with
 #   --distributed (train.py itself skips a finished run there). Logs (flags.txt,
 #   metrics.jsonl, TensorBoard events) go to RUNS/NAME.
+#
+# Before spending TPU time: compile every point for a slice here, on CPU (bench.py --aot):
+#   ./run_all.sh --aot=v4-32 all           # runs/aot-v4-32/NAME[/POINT]/aot.json, then TABLE.md
+#   One Markdown table of every point: per-chip memory and whether it fits, roofline step
+#   time, estimated hours, gradient all-reduce bytes. A point with aot.json is skipped.
 # Flags after `--` go to every train.py, e.g. `./run_all.sh sudoku_cpu -- --max_steps=100`.
 # Long runs: start it inside `screen` or `tmux`; progress is in RUNS/NAME/metrics.jsonl.
 set -euo pipefail
@@ -42,12 +47,13 @@ roadmap=" ${phase1[*]} ${phase2[*]} ${phase3[*]} ${phase4[*]} "
 
 die() { echo "run_all.sh: $*" >&2; exit 2; }
 
-dry_run=0 mode=paper tpu="" zone="" project="" runs="" data="" targets=() extra=()
+dry_run=0 mode=paper aot="" tpu="" zone="" project="" runs="" data="" targets=() extra=()
 while (($#)); do
   case "$1" in
     --dry_run) dry_run=1 ;;
     --mini) mode=mini ;;
     --smoke) mode=smoke ;;
+    --aot=*) aot="${1#*=}" ;;
     --tpu=*) tpu="${1#*=}" ;;
     --zone=*) zone="${1#*=}" ;;
     --project=*) project="${1#*=}" ;;
@@ -60,7 +66,9 @@ while (($#)); do
   shift
 done
 ((${#targets[@]})) || die "name a phase (phase1..phase4, all) or an experiment (configs/*.flags)"
+[[ -z "$aot" || ( $mode == paper && -z "$tpu" ) ]] || die "--aot compiles the paper runs here"
 [[ -n "$runs" ]] || runs=$([[ $mode == paper ]] && echo runs || echo "runs/$mode")
+[[ -z "$aot" ]] || runs="runs/aot-$aot"
 experiments=()
 for t in "${targets[@]}"; do
   case "$t" in
@@ -132,6 +140,24 @@ train() {  # one train.py command, here or on every TPU worker
   fi
 }
 
+compile_point() {  # --aot: compile one point for the slice; its report in $1/aot.json
+  local dir=$1
+  shift
+  if [[ -f "$dir/aot.json" ]]; then echo "skip $dir: compiled (aot.json)"; return; fi
+  local cmd=(python bench.py "$@" --aot="$aot" --json)
+  printf '+'; printf ' %q' "${cmd[@]}"; printf '\n'
+  if ((dry_run)); then return; fi
+  mkdir -p "$dir"
+  if "${cmd[@]}" > "$dir/aot.out" 2> >(tee "$dir/aot.err" >&2); then
+    grep -v '^{' "$dir/aot.out" || true
+    tail -n 1 "$dir/aot.out" > "$dir/aot.json"
+  else
+    echo "$dir: bench.py failed: $(tail -n 1 "$dir/aot.err")"
+    python -c 'import json, sys; print(json.dumps({"error": sys.argv[1]}))' \
+      "$(tail -n 1 "$dir/aot.err")" > "$dir/aot.json"
+  fi
+}
+
 for e in "${experiments[@]}"; do
   file="configs/$e.flags"
   if [[ "$roadmap" == *" $e "* ]]; then  # overrides of a base: E1.1's, or mini's, or smoke's
@@ -159,6 +185,10 @@ for e in "${experiments[@]}"; do
     fi
     dir="$runs/$e"
     ((${#p[@]} == 0)) || dir+="/$(point_dir "${p[@]}")"
+    if [[ -n "$aot" ]]; then  # its eval-only `# then:` command compiles nothing new
+      compile_point "$dir" "${files[@]}" "${p[@]}" "${extra[@]}"
+      continue
+    fi
     if [[ -z "$tpu" && -f "$dir/done.json" ]]; then
       echo "skip $dir: done (done.json)"; continue
     fi
@@ -171,3 +201,7 @@ for e in "${experiments[@]}"; do
     [[ $mode != smoke ]] || break  # the first point of each sweep
   done < <(read -ra s <<< "$spec"; points "${s[@]}")
 done
+if [[ -n "$aot" ]] && ((!dry_run)); then
+  python aot.py table "$runs" "./run_all.sh --aot=$aot ${targets[*]}" > "$runs/TABLE.md"
+  cat "$runs/TABLE.md"
+fi

@@ -118,3 +118,44 @@ def test_sudoku_mlp_with_the_kernel_compiles_for_v4_8_and_fits():
     assert train["total_bytes"] < 8 * 2**30  # 4.0 GiB measured
     grads = train["collectives"]["all-reduce"]
     assert r["param_bytes"] <= grads["bytes"] <= 1.01 * r["param_bytes"], grads
+
+
+def test_run_all_aot_compiles_every_point_and_not_the_eval_only_commands():
+    out = subprocess.run(
+        ["./run_all.sh", "--aot=v4-32", "--dry_run", "all"],
+        capture_output=True, text=True, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    commands = [line for line in out.stdout.splitlines() if line.startswith("+ ")]
+    assert len(commands) == 43 and "train.py" not in out.stdout  # E4.4's --eval_only left out
+    base = "+ python bench.py --flagfile=configs/sudoku_mlp.flags"
+    assert all(c.startswith(base) for c in commands)
+    assert all(c.endswith("--aot=v4-32 --json") for c in commands)
+
+
+def test_table_of_compiled_points(tmp_path):
+    """E1.1 first, a row per kernel, a point that does not fit marked NO with the reason."""
+    row = {"kernel": "pallas", "fits": True, "total_bytes": 2**31, "compile_s": 10.0}
+    row |= {"roofline_s": 0.05, "collectives": {"all-reduce": {"count": 2, "bytes": 20 * 2**20}}}
+    chip = {"name": "TPU v4", "hbm_bytes": 32 * 2**30, "peak_flops": 275e12}
+    chip |= {"hbm_bytes_per_s": 1.2e12, "source": "https://cloud.google.com/tpu/docs/v4"}
+    ok = {
+        "slice": "v4-32", "chips": 16, "hosts": 4, "chip": chip, "data": "d", "machine": "m",
+        "versions": {"jax": "0.10.2", "libtpu": "0.0.42.1"}, "param_bytes": 20 * 2**20,
+        "rows": [row | {"program": "train T=3 n=6"}, row | {"program": "eval"}],
+        "estimate": {"pallas": {"train_h": 0.9, "eval_h": 0.4}},
+    }  # fmt: skip
+    big = ok | {"rows": [{"kernel": "pallas", "program": "train T=3 n=6", "fits": False,
+                          "error": "does not fit in HBM: Ran out of memory", "compile_s": 4.0}],
+                "estimate": {"pallas": None}}  # fmt: skip
+    for point, r in [("sudoku_mlp", ok), ("e3_1_model_size/hidden_size-1280", big)]:
+        (tmp_path / point).mkdir(parents=True)
+        (tmp_path / point / "aot.json").write_text(json.dumps(r))
+    lines = aot.table(str(tmp_path), "./run_all.sh --aot=v4-32 all").splitlines()
+    rows = [line for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert rows[0] == (
+        "| sudoku_mlp | - | pallas | 2.00 GiB | yes | 50 ms | 50 ms | 0.90 + 0.40 | "
+        "2 x, 20.0 MiB | 20 s |"
+    )
+    assert rows[1].startswith("| e3_1_model_size | hidden size-1280 | pallas | - | **NO**: ")
+    assert "`./run_all.sh --aot=v4-32 all`" in lines[2]
