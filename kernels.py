@@ -63,6 +63,9 @@ NUM_SUBLANES = 8
 V4_VMEM = 16 * 2**20  # per TensorCore; the smallest of v4, v5e, v5p, v6e
 VMEM_BUDGET = 0.8  # of the VMEM, for the tiles picked by default (Mosaic needs some itself)
 WEIGHT_NAMES = ("token_gate_up", "token_down", "gate_up", "down")
+# Activation dtypes the kernel takes. float16: Mosaic fails with "Invalid vector type for
+# load" when compiling it for TPU v4 and v5e (bench.py --aot); the XLA path runs it.
+KERNEL_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +142,8 @@ def default_block_sizes(B, L, D, Ft, F, dtype, injection=True) -> BlockSizes:
         raise ValueError(
             f"The fused mixer block needs ~{need / 2**20:.1f} MiB of VMEM at B={B} L={L} D={D} "
             f"F={F} {jnp.dtype(dtype).name}, more than the {capacity / 2**20:.0f} MiB there are:"
-            " use bfloat16 or the XLA path (--kernel=xla)"
+            + (" use bfloat16 or" if jnp.dtype(dtype) == jnp.float32 else " use")
+            + " the XLA path (--kernel=xla)"
         )
     return bs
 
@@ -289,6 +293,11 @@ def mixer_step(x_BxLxD, weights, injection_BxLxD=None, *, eps=1e-5, block_sizes=
       (B, L, D): the block's output.
     """
     check_shapes(x_BxLxD, weights, injection_BxLxD)
+    if x_BxLxD.dtype.name not in KERNEL_DTYPES:
+        raise ValueError(
+            f"The fused mixer block takes {' or '.join(KERNEL_DTYPES)}, not {x_BxLxD.dtype}: "
+            "use the XLA path (--kernel=xla)"
+        )
     return _fused(x_BxLxD, injection_BxLxD, weights, eps, block_sizes, interpret)
 
 

@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 import ckpt
 import data
 import ema
+import kernels
 import model
 
 # data
@@ -185,13 +186,19 @@ def retain_host_memory() -> bool:
 
 def kernel_choice(platform=None) -> str:
     """--kernel=auto: the fused Pallas kernel (kernels.py) for the MLP-mixer on TPU, where it
-    compiles; the XLA path elsewhere (CPU, GPU, attention). `platform`: the one compiled for
-    (default: this machine's; bench.py --aot compiles for a TPU on a CPU machine)."""
+    compiles; the XLA path elsewhere (CPU, GPU, attention, float16). `platform`: the one
+    compiled for (default: this machine's; bench.py --aot compiles for a TPU on a CPU one)."""
     platform, kernel = platform or jax.devices()[0].platform, _KERNEL.value
+    fusable = _FORWARD_DTYPE.value in kernels.KERNEL_DTYPES
     if kernel == "auto":
-        return "pallas" if platform == "tpu" and _MLP_T.value else "xla"
+        return "pallas" if platform == "tpu" and _MLP_T.value and fusable else "xla"
     if kernel == "pallas" and not _MLP_T.value:
         raise ValueError("--kernel=pallas fuses the MLP-mixer block: it needs --mlp_t")
+    if kernel == "pallas" and not fusable:
+        raise ValueError(
+            f"--kernel=pallas takes --forward_dtype={' or '.join(kernels.KERNEL_DTYPES)}, not "
+            f"{_FORWARD_DTYPE.value} (Mosaic does not compile it): use --kernel=xla"
+        )
     if kernel == "pallas" and platform != "tpu" and not _INTERPRET.value:
         raise ValueError(
             f"--kernel=pallas is a TPU (Mosaic) kernel and this is {platform}: use --kernel=xla,"
