@@ -119,6 +119,9 @@ _KERNEL = flags.DEFINE_enum(
     "kernel", "auto", ["auto", "pallas", "xla"], "MLP-mixer block; auto = pallas on TPU, else xla"
 )
 _INTERPRET = flags.DEFINE_bool("interpret", False, "run the Pallas kernel in its interpreter")
+_GRAD_ACCUM_STEPS = flags.DEFINE_integer(
+    "grad_accum_steps", 1, "split each device's rows into this many chunks, one backward each"
+)
 # optimizer
 _OPTIMIZER = flags.DEFINE_enum("optimizer", "adam_atan2", ["adam_atan2", "adamw", "lion"], "")
 _LR = flags.DEFINE_float("lr", 1e-4, "peak learning rate")
@@ -397,15 +400,74 @@ def init_state(cfg, tx, first_batch, mesh, seed, use_ema, use_swa=False):
     return jax.jit(init, out_shardings=shardings)(first_batch)
 
 
+def accumulated_loss_and_grads(cfg, mesh, global_batch_size, chunks):
+    """((loss, (carry, metrics)), grads) of a train step as `make_steps` computes them, with
+    each device's rows in `chunks` chunks run one after another (a scan), each chunk's
+    backward done before the next chunk's forward: the activation memory of one chunk, the
+    same result as one batch (the loss is a sum over rows; rounding aside).
+
+    The gradients are taken inside the shard_map of weights marked as varying over devices,
+    so each device's stay its own (of replicated weights, autodiff would sum them over
+    devices at every chunk); they are added up over the chunks, then summed over devices once.
+    """
+    rows, whole = P("data"), P()
+
+    @functools.partial(
+        jax.shard_map,
+        mesh=mesh,
+        in_specs=(whole, whole, rows, rows, rows),
+        out_specs=((whole, (rows, whole)), whole),
+    )
+    def per_device(params, buffers, carry, batch, min_steps):
+        varying = jax.tree.map(lambda p: jax.lax.pcast(p, "data", to="varying"), params)
+        buffers = jax.tree.map(lambda p: jax.lax.pcast(p, "data", to="varying"), buffers)
+
+        def loss_of(params, carry, batch, min_steps):
+            return model.loss_fn(
+                params | buffers, cfg, carry, batch, min_steps, train=True,
+                global_batch_size=global_batch_size,
+            )  # fmt: skip
+
+        def one(xs):  # (loss, metric sums, grads) and the new carry of one chunk
+            (loss, (carry, metrics, _)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+                varying, *xs
+            )
+            return (loss, metrics, grads), carry
+
+        def chunk(total, xs):
+            sums, carry = one(xs)
+            return jax.tree.map(jnp.add, total, sums), carry
+
+        def split(a):  # (rows, ...) -> (chunks, rows / chunks, ...)
+            return a.reshape(chunks, a.shape[0] // chunks, *a.shape[1:])
+
+        xs = jax.tree.map(split, (carry, batch, min_steps))
+        sums = jax.eval_shape(one, jax.tree.map(lambda a: a[0], xs))[0]
+        zeros = jax.tree.map(
+            lambda s: jax.lax.pcast(jnp.zeros(s.shape, s.dtype), "data", to="varying"), sums
+        )
+        (loss, metrics, grads), carry = jax.lax.scan(chunk, zeros, xs)
+        carry = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), carry)
+        loss, metrics, grads = jax.lax.psum((loss, metrics, grads), "data")
+        return (loss, (carry, metrics)), grads
+
+    return per_device
+
+
 def make_steps(
-    cfg, mesh, tx, global_batch_size, ema_rate=None, *, exploration=None, swa_start=None
-):
+    cfg, mesh, tx, global_batch_size, ema_rate=None, *, exploration=None, swa_start=None,
+    grad_accum_steps=1,
+):  # fmt: skip
     """The jitted train step and eval step, data parallel over the mesh's 'data' axis.
 
     exploration: step -> halt exploration probability (annealing), or None for the config's.
     swa_start: keep the running mean of the weights after every step past this one.
+    grad_accum_steps: chunks of each device's rows run one after another (less memory).
     """
     rows, whole = P("data"), P()
+    accumulated = None
+    if grad_accum_steps > 1:
+        accumulated = accumulated_loss_and_grads(cfg, mesh, global_batch_size, grad_accum_steps)
 
     # Each device runs the model on its rows; losses and metric sums are added over devices.
     # Gradients are taken outside the shard_map, of the summed loss (a grad taken inside
@@ -435,7 +497,14 @@ def make_steps(
         def loss_of(params):
             return loss_dp(params | state["buffers"], state["carry"], batch, min_steps)
 
-        (loss, (carry, metrics)), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+        if grad_accum_steps == 1:
+            (loss, (carry, metrics)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+                state["params"]
+            )
+        else:
+            (loss, (carry, metrics)), grads = accumulated(
+                state["params"], state["buffers"], state["carry"], batch, min_steps
+            )
         used_rows = (
             jnp.zeros(cfg.num_puzzle_identifiers, bool)
             .at[carry["data"]["puzzle_identifiers"]]
@@ -642,10 +711,17 @@ def setup(meta, mesh, platform=None) -> Run:
     num_steps = _EPOCHS.value // _EVAL_INTERVAL.value * eval_every
     num_steps = min(num_steps, _MAX_STEPS.value or num_steps)
     tx, lr = optimizer(total_steps)
+    K = _GRAD_ACCUM_STEPS.value
+    if K < 1 or (B // mesh.size) % K:
+        raise UserError(
+            f"--grad_accum_steps={K} must be >= 1 and divide the {B // mesh.size} rows of each "
+            f"device (--global_batch_size={B} over {mesh.size} devices)"
+        )
     step_options = dict(
         ema_rate=_EMA_RATE.value if _EMA.value else None,
         exploration=exploration_schedule(total_steps),
         swa_start=_SWA_START.value,
+        grad_accum_steps=K,
     )
 
     @functools.cache
