@@ -356,6 +356,14 @@ def _size(b):
     return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
+def _gflop(f):
+    return f"{f / 1e9:,.0f}" if f >= 1e11 else f"{f / 1e9:.3g}"
+
+
+def _hours(h):
+    return f"{h:.2f} h" if h >= 0.1 else f"{h * 60:.2g} min"
+
+
 def _seconds(t):
     return f"{t:.3g} s" if t >= 1 else f"{t * 1e3:.3g} ms"
 
@@ -387,7 +395,7 @@ def report(r):
             f"{head} {_size(x['argument_bytes'])} + {_size(x['output_bytes'])} - "
             f"{_size(x['alias_bytes'])} + {_size(x['temp_bytes'])} + {_size(x['code_bytes'])} "
             f"= {_size(x['total_bytes'])} of {_size(x['hbm_bytes'])}: {fits} | "
-            f"{x['model_flops'] / 1e9:.4g} / {x['xla_flops'] / 1e9:.4g} GFLOP, "
+            f"{_gflop(x['model_flops'])} / {_gflop(x['xla_flops'])} GFLOP, "
             f"{x['xla_bytes_accessed'] / 1e9:.3g} GB | {coll or 'none'}"
             + (f", {x['host_transfers']} host transfers" if x["host_transfers"] else "")
             + f" | {x['compile_s']:.0f} s | {_seconds(x['roofline_s'])}"
@@ -398,10 +406,10 @@ def report(r):
             continue
         ev = "evaluations not counted (test set size unknown)"
         if e["eval_h"] is not None:
-            ev = f"+ evaluations {e['eval_h']:.2f} h = {e['train_h'] + e['eval_h']:.2f} h"
+            ev = f"+ evaluations {_hours(e['eval_h'])} = {_hours(e['train_h'] + e['eval_h'])}"
         lines.append(
             f"  {kernel}: ESTIMATE (roofline, no communication, not measured): training "
-            f"{e['train_h']:.2f} h {ev}"
+            f"{_hours(e['train_h'])} {ev}"
         )
     return "\n".join(lines)
 

@@ -159,3 +159,28 @@ def test_table_of_compiled_points(tmp_path):
     )
     assert rows[1].startswith("| e3_1_model_size | hidden size-1280 | pallas | - | **NO**: ")
     assert "`./run_all.sh --aot=v4-32 all`" in lines[2]
+
+
+@needs_libtpu
+def test_every_slice_is_described_by_libtpu():
+    """Chips and hosts of each slice name: TensorCores / 2 for v4 and v5p, 4 chips a host
+    (8 for a one-host v5e-8 or v6e-8)."""
+    code = (
+        "import aot; aot.use_compile_only_tpu('v4-8')\n"
+        "for s in aot.SLICES:\n"
+        "    chip, d = aot.describe(s)\n"
+        "    print(s, len(d), len({x.process_index for x in d}), chip.name)\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+        check=False,
+    )  # fmt: skip
+    assert out.returncode == 0 and out.stderr == "", out.stderr[-2000:]
+    got = {
+        s: (int(n), int(h), " ".join(c)) for s, n, h, *c in map(str.split, out.stdout.splitlines())
+    }
+    assert got["v4-32"] == (16, 4, "TPU v4") and got["v4-128"] == (64, 16, "TPU v4")
+    assert got["v5p-8"] == (4, 1, "TPU v5p") and got["v5e-8"] == (8, 1, "TPU v5e")
+    assert got["v5e-16"] == (16, 4, "TPU v5e") and got["v6e-8"] == (8, 1, "TPU v6e")
+    assert set(got) == set(aot.SLICES)
