@@ -309,7 +309,10 @@ def compile_experiment(slice_name, kernels, flops_per_example):
     for i, (kernel, program, count, step, args, flops) in enumerate(jobs):
         done = time.perf_counter() - t_start
         eta = f", ETA {done / i * (len(jobs) - i):.0f} s" if i else ""
-        progress(f"aot {slice_name}: compiling {program} ({kernel}) {i + 1}/{len(jobs)}{eta}")
+        progress(
+            f"aot {slice_name}: compiling {program} ({kernel}) {i + 1}/{len(jobs)}, "
+            f"{done:.0f} s so far{eta}"
+        )
         r = compile_one(step, args, chip, flops)
         rows.append({"kernel": kernel, "program": program, "count": count} | r)
     return {

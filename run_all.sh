@@ -32,6 +32,7 @@
 #
 # Before spending TPU time: compile every point for a slice here, on CPU (bench.py --aot):
 #   ./run_all.sh --aot=v4-32 all           # runs/aot-v4-32/NAME[/POINT]/aot.json, then TABLE.md
+#                                          # (--runs=DIR: elsewhere)
 #   One Markdown table of every point: per-chip memory and whether it fits, roofline step
 #   time, estimated hours, gradient all-reduce bytes. A point with aot.json is skipped.
 # Flags after `--` go to every train.py, e.g. `./run_all.sh sudoku_cpu -- --max_steps=100`.
@@ -67,8 +68,8 @@ while (($#)); do
 done
 ((${#targets[@]})) || die "name a phase (phase1..phase4, all) or an experiment (configs/*.flags)"
 [[ -z "$aot" || ( $mode == paper && -z "$tpu" ) ]] || die "--aot compiles the paper runs here"
+[[ -z "$aot" || -n "$runs" ]] || runs="runs/aot-$aot"
 [[ -n "$runs" ]] || runs=$([[ $mode == paper ]] && echo runs || echo "runs/$mode")
-[[ -z "$aot" ]] || runs="runs/aot-$aot"
 experiments=()
 for t in "${targets[@]}"; do
   case "$t" in
@@ -140,6 +141,12 @@ train() {  # one train.py command, here or on every TPU worker
   fi
 }
 
+aot_total=0 aot_done=0
+if [[ -n "$aot" ]] && ((!dry_run)); then  # the points left to compile, for the ETA
+  aot_total=$("$0" --dry_run --aot="$aot" --runs="$runs" "${targets[@]}" -- "${extra[@]}" |
+    grep -c '^+ ' || true)
+fi
+
 compile_point() {  # --aot: compile one point for the slice; its report in $1/aot.json
   local dir=$1
   shift
@@ -156,6 +163,9 @@ compile_point() {  # --aot: compile one point for the slice; its report in $1/ao
     python -c 'import json, sys; print(json.dumps({"error": sys.argv[1]}))' \
       "$(tail -n 1 "$dir/aot.err")" > "$dir/aot.json"
   fi
+  aot_done=$((aot_done + 1))
+  echo "run_all.sh --aot: $aot_done/$aot_total points in $((SECONDS / 60)) min, ETA" \
+    "$((SECONDS * (aot_total - aot_done) / aot_done / 60)) min" >&2
 }
 
 for e in "${experiments[@]}"; do

@@ -120,14 +120,17 @@ def test_sudoku_mlp_with_the_kernel_compiles_for_v4_8_and_fits():
     assert r["param_bytes"] <= grads["bytes"] <= 1.01 * r["param_bytes"], grads
 
 
-def test_run_all_aot_compiles_every_point_and_not_the_eval_only_commands():
+def test_run_all_aot_compiles_every_point_and_not_the_eval_only_commands(tmp_path):
+    (tmp_path / "sudoku_mlp").mkdir()
+    (tmp_path / "sudoku_mlp" / "aot.json").write_text("{}")  # compiled before: skipped
     out = subprocess.run(
-        ["./run_all.sh", "--aot=v4-32", "--dry_run", "all"],
+        ["./run_all.sh", "--aot=v4-32", f"--runs={tmp_path}", "--dry_run", "all"],
         capture_output=True, text=True, cwd=ROOT, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     commands = [line for line in out.stdout.splitlines() if line.startswith("+ ")]
-    assert len(commands) == 43 and "train.py" not in out.stdout  # E4.4's --eval_only left out
+    assert len(commands) == 42 and "train.py" not in out.stdout  # E4.4's --eval_only left out
+    assert f"skip {tmp_path}/sudoku_mlp: compiled (aot.json)" in out.stdout
     base = "+ python bench.py --flagfile=configs/sudoku_mlp.flags"
     assert all(c.startswith(base) for c in commands)
     assert all(c.endswith("--aot=v4-32 --json") for c in commands)
