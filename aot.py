@@ -26,6 +26,7 @@ has no communication in it: an estimate, not a measurement.
 
 import dataclasses
 import glob
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -243,20 +244,43 @@ def analyse(compiled, chip, model_flops):
     }
 
 
-def compile_one(step, args, chip, model_flops):
+CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "trmx-aot")
+
+
+def compile_one(step, args, chip, model_flops, slice_name):
     """Lower and compile `step` for `args` (shapes); the analysis, or the error in one line.
     A program too big for the chip's HBM is the compiler's RESOURCE_EXHAUSTED error, with its
-    numbers (it counts against the HBM it can use: 30.75 GiB of v4's 32)."""
-    t0 = time.perf_counter()
+    numbers (it counts against the HBM it can use: 30.75 GiB of v4's 32).
+
+    Results are kept in CACHE by a hash of the slice, the versions and the lowered program's
+    text: a program compiled before (another sweep point that differs only in its data, or
+    the same eval step) is read back, marked "cached", with its first compile time."""
+    t0, path = time.perf_counter(), None
     try:
-        compiled = step.lower(*args).compile()
+        lowered = step.lower(*args)
+        versions = f"{slice_name} jax {jax.__version__} libtpu {_libtpu_version()}\n"
+        key = hashlib.sha256((versions + lowered.as_text()).encode()).hexdigest()
+        path = os.path.join(CACHE, f"{key}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f) | {"cached": True}
+        result = analyse(lowered.compile(), chip, model_flops)
     except Exception as e:  # noqa: BLE001 (the compiler's errors: reported, not raised)
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if msg.startswith("RESOURCE_EXHAUSTED"):
             msg = "does not fit in HBM: " + msg.split(":", 1)[1].strip()
-        return {"error": msg[:400], "compile_s": time.perf_counter() - t0, "fits": False}
-    compile_s = time.perf_counter() - t0
-    return analyse(compiled, chip, model_flops) | {"compile_s": compile_s}
+        result = {"error": msg[:400], "fits": False}
+    result["compile_s"] = time.perf_counter() - t0
+    if path:  # written aside, then renamed: never read half-written
+        os.makedirs(CACHE, exist_ok=True)
+        with open(f"{path}.{os.getpid()}", "w") as f:
+            json.dump(result, f)
+        os.replace(f"{path}.{os.getpid()}", path)
+    return result
+
+
+def _libtpu_version():
+    return importlib.metadata.version("libtpu")
 
 
 def stage_steps(cfg, num_steps):
@@ -313,14 +337,14 @@ def compile_experiment(slice_name, kernels, flops_per_example):
             f"aot {slice_name}: compiling {program} ({kernel}) {i + 1}/{len(jobs)}, "
             f"{done:.0f} s so far{eta}"
         )
-        r = compile_one(step, args, chip, flops)
+        r = compile_one(step, args, chip, flops, slice_name)
         rows.append({"kernel": kernel, "program": program, "count": count} | r)
     return {
         "slice": slice_name,
         "chip": dataclasses.asdict(chip),
         "chips": mesh.size,
         "hosts": hosts,
-        "versions": {"jax": jax.__version__, "libtpu": importlib.metadata.version("libtpu")},
+        "versions": {"jax": jax.__version__, "libtpu": _libtpu_version()},
         "machine": machine(),
         "data": source,
         "global_batch_size": B,
@@ -388,7 +412,8 @@ def report(r):
     for x in r["rows"]:
         head = f"  {x['kernel']:6s} {x['program']:14s}"
         if "error" in x:
-            lines.append(f"{head} NOT COMPILED ({x['compile_s']:.0f} s): {x['error']}")
+            cached = " (cached)" if x.get("cached") else ""
+            lines.append(f"{head} NOT COMPILED ({x['compile_s']:.0f} s{cached}): {x['error']}")
             continue
         coll = ", ".join(
             f"{op} x{v['count']} {_size(v['bytes'])}" for op, v in x["collectives"].items()
@@ -401,7 +426,8 @@ def report(r):
             f"{_gflop(x['model_flops'])} / {_gflop(x['xla_flops'])} GFLOP, "
             f"{x['xla_bytes_accessed'] / 1e9:.3g} GB | {coll or 'none'}"
             + (f", {x['host_transfers']} host transfers" if x["host_transfers"] else "")
-            + f" | {x['compile_s']:.0f} s | {_seconds(x['roofline_s'])}"
+            + f" | {x['compile_s']:.0f} s{' (cached)' if x.get('cached') else ''} | "
+            + _seconds(x["roofline_s"])
         )
     for kernel, e in r["estimate"].items():
         if e is None:
@@ -476,10 +502,13 @@ def table(root, command):
             if estimate["eval_h"] is not None:
                 hours += f" + {estimate['eval_h']:.2f}"
             grads = trains[-1]["collectives"].get("all-reduce", {"count": 0, "bytes": 0})
-            compile_s = sum(x["compile_s"] for x in mine)
+            compile_s = sum(x["compile_s"] for x in mine if not x.get("cached"))
+            cached = sum(bool(x.get("cached")) for x in mine)
             out.append(
                 f"{name} {kernel} | {_size(hbm)} | {fits} | {step} | {_seconds(ev['roofline_s'])}"
-                f" | {hours} | {grads['count']} x, {_size(grads['bytes'])} | {compile_s:.0f} s |"
+                f" | {hours} | {grads['count']} x, {_size(grads['bytes'])} | {compile_s:.0f} s"
+                + (f" ({cached} cached)" if cached else "")
+                + " |"
             )
     if head is None:
         return "no compiled point under " + root
@@ -499,7 +528,10 @@ def table(root, command):
             f"({c['source']}). Train step and eval step: roofline time, max(FLOPs / "
             f"{c['peak_flops'] / 1e12:.0f} TFLOP/s, bytes / {c['hbm_bytes_per_s'] / 1e9:.0f} "
             "GB/s), one per curriculum stage. Hours: ESTIMATES, training + evaluations (no "
-            "communication, no input pipeline; aot.py). Gradient all-reduce: the all-reduce "
+            "communication, no input pipeline; aot.py). Compile: the time this point's "
+            "programs took to compile here; a program compiled before for another point "
+            "(the same lowered text) is read from aot.py's cache. Gradient all-reduce: the "
+            "all-reduce "
             f"ops of the (final) train step and their bytes; the params are "
             f"{_size(head['param_bytes'])} at E1.1's size.",
             "",

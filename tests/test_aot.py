@@ -7,6 +7,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -19,9 +20,11 @@ needs_libtpu = pytest.mark.skipif(
 SMOKE = ["--flagfile=configs/smoke.flags"]
 
 
-def bench(*args):
-    """bench.py in a process of its own: (exit code, stdout, stderr, the --json object)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+def bench(*args, cache=None):
+    """bench.py in a process of its own: (exit code, stdout, stderr, the --json object).
+    aot.py's cache of compiled programs is a fresh folder unless `cache` names one."""
+    cache = cache or tempfile.mkdtemp(prefix="trmx-aot-test-")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XDG_CACHE_HOME=cache)
     out = subprocess.run(
         [sys.executable, "bench.py", *args], capture_output=True, text=True, cwd=ROOT, env=env,
         check=False,
@@ -67,11 +70,13 @@ def test_unknown_slice_and_missing_unknown_data_are_one_line_errors():
 
 
 @needs_libtpu
-def test_two_hosts_compile_and_the_gradients_are_one_all_reduce_of_the_params():
+def test_two_hosts_compile_and_the_gradients_are_one_all_reduce_of_the_params(tmp_path):
     """v4-16: 8 chips over 2 hosts, the mesh train.py --distributed builds over them. The
     train step exchanges gradients once: all-reduces of about the parameters' bytes (plus the
-    metric sums), and moves nothing to or from the host. No libtpu warning reaches stderr."""
-    code, out, err, r = bench(*SMOKE, "--aot=v4-16", "--kernel=pallas", "--json")
+    metric sums), and moves nothing to or from the host. No libtpu warning reaches stderr.
+    Run again, the programs are read from the cache, with the same figures."""
+    args = (*SMOKE, "--aot=v4-16", "--kernel=pallas", "--json")
+    code, out, err, r = bench(*args, cache=str(tmp_path))
     assert code == 0, err[-3000:]
     assert (r["slice"], r["chips"], r["hosts"]) == ("v4-16", 8, 2)
     assert "TPU_ACCELERATOR_TYPE" not in err and "TPU_WORKER_HOSTNAMES" not in err, err
@@ -85,6 +90,10 @@ def test_two_hosts_compile_and_the_gradients_are_one_all_reduce_of_the_params():
     assert train["host_transfers"] == 0 and ev["host_transfers"] == 0
     assert train["roofline_s"] > 0 and r["estimate"]["pallas"]["train_h"] > 0
     assert "ESTIMATE" in out and "fits" in out
+    assert not any(x.get("cached") for x in r["rows"])
+    code, _, err, again = bench(*args, cache=str(tmp_path))
+    assert code == 0, err[-3000:]
+    assert all(x.pop("cached") for x in again["rows"]) and again["rows"] == r["rows"]
 
 
 @needs_libtpu
