@@ -481,7 +481,8 @@ def table(root, command):
         with open(os.path.join(root, point, "aot.json")) as f:
             r = json.load(f)
         experiment, _, sweep = point.partition("/")
-        name = f"| {experiment} | {sweep.replace('_', ' ') or '-'} |"
+        flags_ = re.findall(r"([A-Za-z_]+?)-([^_]+)(?:_|$)", sweep)  # run_all.sh's point_dir
+        name = f"| {experiment} | {' '.join(f'--{k}={v}' for k, v in flags_) or '-'} |"
         if "error" in r:
             out.append(f"{name} - | not compiled: {r['error']} | | | | | |")
             continue

@@ -146,7 +146,8 @@ def test_run_all_aot_compiles_every_point_and_not_the_eval_only_commands(tmp_pat
 
 
 def test_table_of_compiled_points(tmp_path):
-    """E1.1 first, a row per kernel, a point that does not fit marked NO with the reason."""
+    """E1.1 first, then by name; a row per kernel; a sweep point as its flags; a point that
+    does not fit marked NO with the reason."""
     row = {"kernel": "pallas", "fits": True, "total_bytes": 2**31, "compile_s": 10.0}
     row |= {"roofline_s": 0.05, "collectives": {"all-reduce": {"count": 2, "bytes": 20 * 2**20}}}
     chip = {"name": "TPU v4", "hbm_bytes": 32 * 2**30, "peak_flops": 275e12}
@@ -160,7 +161,8 @@ def test_table_of_compiled_points(tmp_path):
     big = ok | {"rows": [{"kernel": "pallas", "program": "train T=3 n=6", "fits": False,
                           "error": "does not fit in HBM: Ran out of memory", "compile_s": 4.0}],
                 "estimate": {"pallas": None}}  # fmt: skip
-    for point, r in [("sudoku_mlp", ok), ("e3_1_model_size/hidden_size-1280", big)]:
+    grid = "e2_2_t_n_grid/H_cycles-2_L_cycles-4"
+    for point, r in [("sudoku_mlp", ok), ("e3_1_model_size/hidden_size-1280", big), (grid, ok)]:
         (tmp_path / point).mkdir(parents=True)
         (tmp_path / point / "aot.json").write_text(json.dumps(r))
     lines = aot.table(str(tmp_path), "./run_all.sh --aot=v4-32 all").splitlines()
@@ -169,7 +171,8 @@ def test_table_of_compiled_points(tmp_path):
         "| sudoku_mlp | - | pallas | 2.00 GiB | yes | 50 ms | 50 ms | 0.90 + 0.40 | "
         "2 x, 20.0 MiB | 20 s |"
     )
-    assert rows[1].startswith("| e3_1_model_size | hidden size-1280 | pallas | - | **NO**: ")
+    assert rows[2].startswith("| e3_1_model_size | --hidden_size=1280 | pallas | - | **NO**: ")
+    assert rows[1].startswith("| e2_2_t_n_grid | --H_cycles=2 --L_cycles=4 | pallas | 2.00 GiB")
     assert "`./run_all.sh --aot=v4-32 all`" in lines[2]
 
 
