@@ -388,7 +388,7 @@ def _gflop(f):
 
 
 def _hours(h):
-    return f"{h:.2f} h" if h >= 0.1 else f"{h * 60:.2g} min"
+    return f"{h:.2f} h" if h >= 0.1 else f"{h * 60:.2g} min" if h >= 1 / 60 else f"{h * 3600:.2g} s"
 
 
 def _seconds(t):
