@@ -540,6 +540,24 @@ def make_steps(
     return train_step, eval_step
 
 
+@dataclasses.dataclass(frozen=True)
+class TestTimeCompute:
+    """How an evaluation spends extra compute: the supervision steps after which it reports
+    exact accuracy, and K trajectories per puzzle (the largest of `trajectories` run;
+    selections are reported for the first k of them for each k), trajectory 0 unperturbed
+    and the others with Gaussian noise of std `noise` added to `noise_state` before each
+    supervision step (PTRM, arXiv:2605.19943). The noise of a trajectory depends on (seed,
+    test example, trajectory, step) only, so results do not depend on the batch or the
+    number of devices."""
+
+    n_sup: int | None = None  # supervision steps the evaluation runs; None: the trained N_sup
+    steps: tuple = ()  # () = report nothing beyond the usual metrics
+    trajectories: tuple = (1,)
+    noise: float = 0.0
+    noise_state: str = "z"
+    seed: int = 0
+
+
 def test_time_compute():
     """The TestTimeCompute of --eval_halt_max_steps, --eval_trajectories, --eval_noise*: it
     reports per step count and trajectory count when either flag asks for more than one."""
@@ -557,41 +575,21 @@ def test_time_compute():
     ks = counts(_EVAL_TRAJECTORIES) if _EVAL_TRAJECTORIES.value else (1,)
     if _EVAL_NOISE.value < 0:
         raise UserError(f"--eval_noise={_EVAL_NOISE.value}: a standard deviation, >= 0")
+    n_sup = max(steps, default=None)
     if len(steps) == 1 and ks == (1,):
         steps = ()  # one step count and one trajectory: the usual evaluation at that N_sup
     elif not steps and ks != (1,):
         steps = (_HALT_MAX_STEPS.value,)
     noise = (_EVAL_NOISE.value, _EVAL_NOISE_STATE.value, _SEED.value)
-    return TestTimeCompute(steps, ks, *noise)
-
-
-def eval_n_sup(cfg):
-    """Supervision steps of an evaluation without a list of step counts."""
-    return int(_EVAL_HALT_MAX_STEPS.value[0]) if _EVAL_HALT_MAX_STEPS.value else cfg.N_sup
+    return TestTimeCompute(n_sup, steps, ks, *noise)
 
 
 def eval_batch_size(requested, num_devices):
-    """Rows per evaluation batch: the requested size rounded up to a multiple of the device
-    count, so that any batch size runs on any number of devices. The extra rows hold more
-    test examples; the last batch is padded with rows that count nowhere (data.eval_batches)."""
+    """Puzzles per evaluation batch: the requested number rounded up to a multiple of the
+    device count, so that any batch size runs on any number of devices. The extra rows hold
+    more test examples; the last batch is padded with rows that count nowhere
+    (data.eval_batches)."""
     return -(-requested // num_devices) * num_devices
-
-
-@dataclasses.dataclass(frozen=True)
-class TestTimeCompute:
-    """How an evaluation spends extra compute: the supervision steps after which it reports
-    exact accuracy, and K trajectories per puzzle (the largest of `trajectories` run;
-    selections are reported for the first k of them for each k), trajectory 0 unperturbed
-    and the others with Gaussian noise of std `noise` added to `noise_state` before each
-    supervision step (PTRM, arXiv:2605.19943). The noise of a trajectory depends on (seed,
-    test example, trajectory, step) only, so results do not depend on the batch or the
-    number of devices."""
-
-    steps: tuple = ()  # () = report nothing beyond the usual metrics
-    trajectories: tuple = (1,)
-    noise: float = 0.0
-    noise_state: str = "z"
-    seed: int = 0
 
 
 def test_time_noise(cfg, ttc, rows_batch, b):
@@ -780,7 +778,7 @@ def main(argv):
         if _TRAIN_PUZZLES.value is not None or _TRAIN_AUG.value is not None:
             train_ds = data.subset(train_ds, _TRAIN_PUZZLES.value, _TRAIN_AUG.value)
         cfg = model_config(train_ds["meta"])
-        eval_cfg = dataclasses.replace(cfg, N_sup=max(ttc.steps, default=eval_n_sup(cfg)))
+        eval_cfg = dataclasses.replace(cfg, N_sup=ttc.n_sup or cfg.N_sup)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from e
     check_schedules(cfg)
