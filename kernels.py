@@ -63,6 +63,9 @@ NUM_SUBLANES = 8
 V4_VMEM = 16 * 2**20  # per TensorCore; the smallest of v4, v5e, v5p, v6e
 VMEM_BUDGET = 0.8  # of the VMEM, for the tiles picked by default (Mosaic needs some itself)
 WEIGHT_NAMES = ("token_gate_up", "token_down", "gate_up", "down")
+# Activation dtypes the kernel takes. float16: Mosaic fails with "Invalid vector type for
+# load" when compiling it for TPU v4 and v5e (bench.py --aot); the XLA path runs it.
+KERNEL_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +108,18 @@ def vmem_bytes(bs: BlockSizes, B, L, D, Ft, F, dtype, injection=True) -> int:
     return weights + tiles + scratch + token_tmp + channel_tmp
 
 
+def target_platform() -> str:
+    """The platform being traced for: that of the mesh's devices inside shard_map (a TPU
+    slice when bench.py --aot compiles for one on a CPU machine), else the default backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return jax.default_backend() if device is None else device.platform
+
+
 def vmem_capacity() -> int:
-    """VMEM per TensorCore of the attached TPU; v4's (the smallest) when none is attached
-    (interpret mode, or lowering for TPU on another machine)."""
-    if jax.devices()[0].platform == "tpu":
+    """VMEM per TensorCore of the TPU traced for (`target_platform`; under shard_map that of
+    the mesh's chips, e.g. 128 MiB for v5e or v6e); v4's (the smallest) when the target is
+    not a TPU (interpret mode)."""
+    if target_platform() == "tpu":
         return pltpu.get_tpu_info().vmem_capacity_bytes
     return V4_VMEM
 
@@ -131,7 +142,8 @@ def default_block_sizes(B, L, D, Ft, F, dtype, injection=True) -> BlockSizes:
         raise ValueError(
             f"The fused mixer block needs ~{need / 2**20:.1f} MiB of VMEM at B={B} L={L} D={D} "
             f"F={F} {jnp.dtype(dtype).name}, more than the {capacity / 2**20:.0f} MiB there are:"
-            " use bfloat16 or the XLA path (--kernel=xla)"
+            + (" use bfloat16 or" if jnp.dtype(dtype) == jnp.float32 else " use")
+            + " the XLA path (--kernel=xla)"
         )
     return bs
 
@@ -281,6 +293,11 @@ def mixer_step(x_BxLxD, weights, injection_BxLxD=None, *, eps=1e-5, block_sizes=
       (B, L, D): the block's output.
     """
     check_shapes(x_BxLxD, weights, injection_BxLxD)
+    if x_BxLxD.dtype.name not in KERNEL_DTYPES:
+        raise ValueError(
+            f"The fused mixer block takes {' or '.join(KERNEL_DTYPES)}, not {x_BxLxD.dtype}: "
+            "use the XLA path (--kernel=xla)"
+        )
     return _fused(x_BxLxD, injection_BxLxD, weights, eps, block_sizes, interpret)
 
 
@@ -391,13 +408,13 @@ def _t(a, dtype, barrier=False):
     when several devices shared the process (the token mixing of 8 devices x 2 rows then
     differed from 1 device x 16 rows: tests/test_train.py).
 
-    bfloat16 on CPU: materialised row-major, so that the matmul is a plain (M, K) @ (K, N),
-    the only form YNNPACK's bfloat16 kernels take (see `dot`): XLA:CPU upcasts any other to
-    float32 first, at a fifth to an eighth of the speed. The barriers keep XLA from folding
-    the transpose into the matmul that reads it or the one that made `a`; the reshape gives
-    the result a row-major layout (a transpose's own is column-major, which also sends it
-    to float32). Other backends: as float32."""
-    if dtype != jnp.bfloat16 or jax.default_backend() != "cpu":
+    bfloat16 for CPU (`target_platform`): materialised row-major, so that the matmul is a
+    plain (M, K) @ (K, N), the only form YNNPACK's bfloat16 kernels take (see `dot`):
+    XLA:CPU upcasts any other to float32 first, at a fifth to an eighth of the speed. The
+    barriers keep XLA from folding the transpose into the matmul that reads it or the one
+    that made `a`; the reshape gives the result a row-major layout (a transpose's own is
+    column-major, which also sends it to float32). Other backends: as float32."""
+    if dtype != jnp.bfloat16 or target_platform() != "cpu":
         return jax.lax.optimization_barrier(a.T) if barrier else a.T
     a_t = jax.lax.optimization_barrier(a).T
     return jax.lax.optimization_barrier(a_t.reshape(1, *a_t.shape))[0]

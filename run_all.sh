@@ -32,6 +32,12 @@
 #   metrics.jsonl, TensorBoard events) go to RUNS/NAME.
 # The interpreter is $PYTHON (e.g. PYTHON=venv/bin/python for a virtual environment that is
 # not activated), else `python`, else `python3`.
+#
+# Before spending TPU time: compile every point for a slice here, on CPU (bench.py --aot):
+#   ./run_all.sh --aot=v4-32 all           # runs/aot-v4-32/NAME[/POINT]/aot.json, then TABLE.md
+#                                          # (--runs=DIR: elsewhere)
+#   One Markdown table of every point: per-chip memory and whether it fits, roofline step
+#   time, estimated hours, gradient all-reduce bytes. A point with aot.json is skipped.
 # Flags after `--` go to every train.py, e.g. `./run_all.sh sudoku_cpu -- --max_steps=100`.
 # Long runs: start it inside `screen` or `tmux`; progress is in RUNS/NAME/metrics.jsonl.
 set -euo pipefail
@@ -49,12 +55,13 @@ python=${PYTHON:-python}
 [[ -n "${PYTHON:-}" ]] || command -v python >/dev/null || python=python3
 command -v "$python" >/dev/null || die "no interpreter $python (set PYTHON to one with the requirements)"
 
-dry_run=0 mode=paper tpu="" zone="" project="" runs="" data="" targets=() extra=()
+dry_run=0 mode=paper aot="" tpu="" zone="" project="" runs="" data="" targets=() extra=()
 while (($#)); do
   case "$1" in
     --dry_run) dry_run=1 ;;
     --mini) mode=mini ;;
     --smoke) mode=smoke ;;
+    --aot=*) aot="${1#*=}" ;;
     --tpu=*) tpu="${1#*=}" ;;
     --zone=*) zone="${1#*=}" ;;
     --project=*) project="${1#*=}" ;;
@@ -67,6 +74,8 @@ while (($#)); do
   shift
 done
 ((${#targets[@]})) || die "name a phase (phase1..phase4, all) or an experiment (configs/*.flags)"
+[[ -z "$aot" || ( $mode == paper && -z "$tpu" ) ]] || die "--aot compiles the paper runs here"
+[[ -z "$aot" || -n "$runs" ]] || runs="runs/aot-$aot"
 [[ -n "$runs" ]] || runs=$([[ $mode == paper ]] && echo runs || echo "runs/$mode")
 experiments=()
 for t in "${targets[@]}"; do
@@ -139,6 +148,33 @@ train() {  # one train.py command, here or on every TPU worker
   fi
 }
 
+aot_total=0 aot_done=0
+if [[ -n "$aot" ]] && ((!dry_run)); then  # the points left to compile, for the ETA
+  aot_total=$("$0" --dry_run --aot="$aot" --runs="$runs" "${targets[@]}" -- "${extra[@]}" |
+    grep -c '^+ ' || true)
+fi
+
+compile_point() {  # --aot: compile one point for the slice; its report in $1/aot.json
+  local dir=$1
+  shift
+  if [[ -f "$dir/aot.json" ]]; then echo "skip $dir: compiled (aot.json)"; return; fi
+  local cmd=("$python" bench.py "$@" --aot="$aot" --json)
+  printf '+'; printf ' %q' "${cmd[@]}"; printf '\n'
+  if ((dry_run)); then return; fi
+  mkdir -p "$dir"
+  if "${cmd[@]}" > "$dir/aot.out" 2> >(tee "$dir/aot.err" >&2); then
+    grep -v '^{' "$dir/aot.out" || true
+    tail -n 1 "$dir/aot.out" > "$dir/aot.json"
+  else
+    echo "$dir: bench.py failed: $(tail -n 1 "$dir/aot.err")"
+    "$python" -c 'import json, sys; print(json.dumps({"error": sys.argv[1]}))' \
+      "$(tail -n 1 "$dir/aot.err")" > "$dir/aot.json"
+  fi
+  aot_done=$((aot_done + 1))
+  echo "run_all.sh --aot: $aot_done/$aot_total points in $((SECONDS / 60)) min, ETA" \
+    "$((SECONDS * (aot_total - aot_done) / aot_done / 60)) min" >&2
+}
+
 for e in "${experiments[@]}"; do
   file="configs/$e.flags"
   if [[ "$roadmap" == *" $e "* ]]; then  # overrides of a base: E1.1's, or mini's, or smoke's
@@ -167,6 +203,10 @@ for e in "${experiments[@]}"; do
     fi
     dir="$runs/$e"
     ((${#p[@]} == 0)) || dir+="/$(point_dir "${p[@]}")"
+    if [[ -n "$aot" ]]; then  # its eval-only `# then:` command compiles nothing new
+      compile_point "$dir" "${files[@]}" "${p[@]}" "${extra[@]}"
+      continue
+    fi
     if [[ -z "$tpu" && -f "$dir/done.json" ]]; then
       echo "skip $dir: done (done.json)"; continue
     fi
@@ -179,3 +219,8 @@ for e in "${experiments[@]}"; do
     [[ $mode != smoke ]] || break  # the first point of each sweep
   done < <(read -ra s <<< "$spec"; points "${s[@]}")
 done
+if [[ -n "$aot" ]] && ((!dry_run)); then
+  "$python" bench.py --aot_table="$runs" --aot_command="./run_all.sh --aot=$aot ${targets[*]}" \
+    > "$runs/TABLE.md"
+  cat "$runs/TABLE.md"
+fi

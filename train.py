@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 import ckpt
 import data
 import ema
+import kernels
 import model
 
 # data
@@ -137,6 +138,9 @@ _KERNEL = flags.DEFINE_enum(
     "kernel", "auto", ["auto", "pallas", "xla"], "MLP-mixer block; auto = pallas on TPU, else xla"
 )
 _INTERPRET = flags.DEFINE_bool("interpret", False, "run the Pallas kernel in its interpreter")
+_GRAD_ACCUM_STEPS = flags.DEFINE_integer(
+    "grad_accum_steps", 1, "split each device's rows into this many chunks, one backward each"
+)
 # optimizer
 _OPTIMIZER = flags.DEFINE_enum("optimizer", "adam_atan2", ["adam_atan2", "adamw", "lion"], "")
 _LR = flags.DEFINE_float("lr", 1e-4, "peak learning rate")
@@ -209,14 +213,21 @@ def retain_host_memory() -> bool:
     return all([mallopt(option, value) == 1 for option, value in settings])  # each one tried
 
 
-def kernel_choice() -> str:
+def kernel_choice(platform=None) -> str:
     """--kernel=auto: the fused Pallas kernel (kernels.py) for the MLP-mixer on TPU, where it
-    compiles; the XLA path elsewhere (CPU, GPU, attention)."""
-    platform, kernel = jax.devices()[0].platform, _KERNEL.value
+    compiles; the XLA path elsewhere (CPU, GPU, attention, float16). `platform`: the one
+    compiled for (default: this machine's; bench.py --aot compiles for a TPU on a CPU one)."""
+    platform, kernel = platform or jax.devices()[0].platform, _KERNEL.value
+    fusable = _FORWARD_DTYPE.value in kernels.KERNEL_DTYPES
     if kernel == "auto":
-        return "pallas" if platform == "tpu" and _MLP_T.value else "xla"
+        return "pallas" if platform == "tpu" and _MLP_T.value and fusable else "xla"
     if kernel == "pallas" and not _MLP_T.value:
         raise ValueError("--kernel=pallas fuses the MLP-mixer block: it needs --mlp_t")
+    if kernel == "pallas" and not fusable:
+        raise ValueError(
+            f"--kernel=pallas takes --forward_dtype={' or '.join(kernels.KERNEL_DTYPES)}, not "
+            f"{_FORWARD_DTYPE.value} (Mosaic does not compile it): use --kernel=xla"
+        )
     if kernel == "pallas" and platform != "tpu" and not _INTERPRET.value:
         raise ValueError(
             f"--kernel=pallas is a TPU (Mosaic) kernel and this is {platform}: use --kernel=xla,"
@@ -225,7 +236,7 @@ def kernel_choice() -> str:
     return kernel
 
 
-def model_config(meta) -> model.Config:
+def model_config(meta, platform=None) -> model.Config:
     return model.Config(
         vocab_size=meta["vocab_size"],
         seq_len=meta["seq_len"],
@@ -249,7 +260,7 @@ def model_config(meta) -> model.Config:
         forward_dtype=_FORWARD_DTYPE.value,
         no_ACT_continue=_NO_ACT_CONTINUE.value,
         loss_type=_LOSS_TYPE.value,
-        kernel=kernel_choice(),
+        kernel=kernel_choice(platform),
         interpret=_INTERPRET.value,
         halt_step_penalty=_HALT_STEP_PENALTY.value,
     )
@@ -382,9 +393,10 @@ def optimizer(total_steps):
 # ----------------------------------------------------------------------------- steps
 
 
-def init_state(cfg, tx, first_batch, mesh, seed, use_ema, use_swa=False):
-    """The whole train state, built on the devices by one jitted function (the same on every
-    host): replicated over the mesh, except the carry, split by rows like the batch."""
+def state_layout(cfg, tx, first_batch, mesh, seed, use_ema, use_swa=False):
+    """(init, shapes, shardings) of the whole train state: init(first_batch) builds it (the
+    same on every host); it is replicated over the mesh, except the carry, split by rows like
+    the batch. `first_batch` may hold arrays or jax.ShapeDtypeStructs (shapes only)."""
 
     def init(batch):
         params = model.init_params(jax.random.key(seed), cfg)
@@ -405,7 +417,67 @@ def init_state(cfg, tx, first_batch, mesh, seed, use_ema, use_swa=False):
     shapes = jax.eval_shape(init, first_batch)
     shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), shapes)
     shardings["carry"] = jax.tree.map(lambda _: NamedSharding(mesh, P("data")), shapes["carry"])
+    return init, shapes, shardings
+
+
+def init_state(cfg, tx, first_batch, mesh, seed, use_ema, use_swa=False):
+    """The whole train state, built on the devices by one jitted function (`state_layout`)."""
+    init, _, shardings = state_layout(cfg, tx, first_batch, mesh, seed, use_ema, use_swa)
     return jax.jit(init, out_shardings=shardings)(first_batch)
+
+
+def accumulated_loss_and_grads(cfg, mesh, global_batch_size, chunks):
+    """((loss, (carry, metrics)), grads) of a train step as `make_steps` computes them, with
+    each device's rows in `chunks` chunks run one after another (a scan), each chunk's
+    backward done before the next chunk's forward: the activation memory of one chunk, the
+    same result as one batch (the loss is a sum over rows; rounding aside).
+
+    The gradients are taken inside the shard_map of weights marked as varying over devices,
+    so each device's stay its own (of replicated weights, autodiff would sum them over
+    devices at every chunk); they are added up over the chunks, then summed over devices once.
+    """
+    rows, whole = P("data"), P()
+
+    @functools.partial(
+        jax.shard_map,
+        mesh=mesh,
+        in_specs=(whole, whole, rows, rows, rows),
+        out_specs=((whole, (rows, whole)), whole),
+    )
+    def per_device(params, buffers, carry, batch, min_steps):
+        varying = jax.tree.map(lambda p: jax.lax.pcast(p, "data", to="varying"), params)
+        buffers = jax.tree.map(lambda p: jax.lax.pcast(p, "data", to="varying"), buffers)
+
+        def loss_of(params, carry, batch, min_steps):
+            return model.loss_fn(
+                params | buffers, cfg, carry, batch, min_steps, train=True,
+                global_batch_size=global_batch_size,
+            )  # fmt: skip
+
+        def one(xs):  # (loss, metric sums, grads) and the new carry of one chunk
+            (loss, (carry, metrics, _)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+                varying, *xs
+            )
+            return (loss, metrics, grads), carry
+
+        def chunk(total, xs):
+            sums, carry = one(xs)
+            return jax.tree.map(jnp.add, total, sums), carry
+
+        def split(a):  # (rows, ...) -> (chunks, rows / chunks, ...)
+            return a.reshape(chunks, a.shape[0] // chunks, *a.shape[1:])
+
+        xs = jax.tree.map(split, (carry, batch, min_steps))
+        sums = jax.eval_shape(one, jax.tree.map(lambda a: a[0], xs))[0]
+        zeros = jax.tree.map(
+            lambda s: jax.lax.pcast(jnp.zeros(s.shape, s.dtype), "data", to="varying"), sums
+        )
+        (loss, metrics, grads), carry = jax.lax.scan(chunk, zeros, xs)
+        carry = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), carry)
+        loss, metrics, grads = jax.lax.psum((loss, metrics, grads), "data")
+        return (loss, (carry, metrics)), grads
+
+    return per_device
 
 
 def make_steps(
@@ -418,15 +490,20 @@ def make_steps(
     exploration=None,
     swa_start=None,
     ttc=None,
+    grad_accum_steps=1,
 ):
     """The jitted train step and eval step, data parallel over the mesh's 'data' axis.
 
     exploration: step -> halt exploration probability (annealing), or None for the config's.
     swa_start: keep the running mean of the weights after every step past this one.
     ttc: the evaluation's test-time compute (TestTimeCompute; default: one trajectory).
+    grad_accum_steps: chunks of each device's rows run one after another (less memory).
     """
     ttc = ttc or TestTimeCompute()
     rows, whole = P("data"), P()
+    accumulated = None
+    if grad_accum_steps > 1:
+        accumulated = accumulated_loss_and_grads(cfg, mesh, global_batch_size, grad_accum_steps)
 
     # Each device runs the model on its rows; losses and metric sums are added over devices.
     # Gradients are taken outside the shard_map, of the summed loss (a grad taken inside
@@ -456,7 +533,14 @@ def make_steps(
         def loss_of(params):
             return loss_dp(params | state["buffers"], state["carry"], batch, min_steps)
 
-        (loss, (carry, metrics)), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+        if grad_accum_steps == 1:
+            (loss, (carry, metrics)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+                state["params"]
+            )
+        else:
+            (loss, (carry, metrics)), grads = accumulated(
+                state["params"], state["buffers"], state["carry"], batch, min_steps
+            )
         used_rows = (
             jnp.zeros(cfg.num_puzzle_identifiers, bool)
             .at[carry["data"]["puzzle_identifiers"]]
@@ -742,6 +826,97 @@ def process_rows(sharding, batch_size):
     return slice(spans[0][0], spans[-1][1])
 
 
+def data_mesh(devices=None):
+    """One 'data' axis over `devices` (default: every device of every host). bench.py --aot
+    passes the chips of a TPU slice described without one (jax.experimental.topologies)."""
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+
+
+def eval_batch(mesh, ttc, num_eval=None):
+    """Puzzles per evaluation batch (each run as K trajectories): --eval_batch_size / K,
+    rounded up to whole puzzles per device (eval_batch_size), and no more puzzles than the
+    evaluation has (`num_eval`; None: unknown)."""
+    requested = (_EVAL_BATCH_SIZE.value or _GLOBAL_BATCH_SIZE.value) // max(ttc.trajectories)
+    return eval_batch_size(max(1, min(requested, num_eval or requested)), mesh.size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What the flags make of a training split's metadata and a mesh (`setup`)."""
+
+    cfg: model.Config  # the trained model (its final curriculum stage)
+    eval_cfg: model.Config  # the evaluated one (N_sup: --eval_halt_max_steps)
+    ttc: TestTimeCompute  # the evaluation's test-time compute
+    batch_size: int  # global training batch
+    eval_batch_size: int  # puzzles per evaluation batch (eval_batch)
+    tx: optax.GradientTransformation
+    lr: object  # step -> learning rate
+    examples_per_epoch: float
+    total_steps: int  # the LR schedule's length
+    eval_every: int
+    num_steps: int  # steps run (--max_steps may stop early)
+    train_step_for: object  # (T, n) -> the jitted train step of that curriculum stage
+    eval_step: object  # the jitted eval step
+
+
+def setup(meta, mesh, num_eval=None, platform=None) -> Run:
+    """The model, the optimiser, the run's length and the jitted steps, from the flags, the
+    training split's metadata (data.load(...)["meta"]), the number of test examples an
+    evaluation runs (None: unknown) and a mesh: what train.py runs and what bench.py --aot
+    compiles for a TPU slice (`platform`: the one compiled for)."""
+    B = _GLOBAL_BATCH_SIZE.value
+    if B % mesh.size:  # every training row counts in the loss: no padding rows here
+        hosts = len({d.process_index for d in mesh.devices.flat})
+        raise UserError(
+            f"--global_batch_size={B} does not divide over {mesh.size} devices "
+            f"({hosts} processes x {mesh.size // hosts})"
+        )
+    ttc = test_time_compute()
+    try:
+        cfg = model_config(meta, platform)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    eval_cfg = dataclasses.replace(cfg, N_sup=ttc.n_sup or cfg.N_sup)
+    check_schedules(cfg)
+    examples_per_epoch = meta["total_groups"] * meta["mean_puzzle_examples"]
+    # As the reference: the LR schedule spans epochs * examples / B steps; the run is
+    # epochs / eval_interval rounds of eval_interval epochs, each ending in an evaluation.
+    if _EPOCHS.value % _EVAL_INTERVAL.value:
+        raise UserError(
+            f"--eval_interval={_EVAL_INTERVAL.value} must divide --epochs={_EPOCHS.value}"
+        )
+    total_steps = int(_EPOCHS.value * examples_per_epoch / B)
+    eval_every = int(_EVAL_INTERVAL.value * examples_per_epoch / B)
+    if eval_every < 1:
+        raise UserError(f"--eval_interval={_EVAL_INTERVAL.value} epochs is less than one batch")
+    num_steps = _EPOCHS.value // _EVAL_INTERVAL.value * eval_every
+    num_steps = min(num_steps, _MAX_STEPS.value or num_steps)
+    tx, lr = optimizer(total_steps)
+    K = _GRAD_ACCUM_STEPS.value
+    if K < 1 or (B // mesh.size) % K:
+        raise UserError(
+            f"--grad_accum_steps={K} must be >= 1 and divide the {B // mesh.size} rows of each "
+            f"device (--global_batch_size={B} over {mesh.size} devices)"
+        )
+    step_options = dict(
+        ema_rate=_EMA_RATE.value if _EMA.value else None,
+        exploration=exploration_schedule(total_steps),
+        swa_start=_SWA_START.value,
+        grad_accum_steps=K,
+    )
+
+    @functools.cache
+    def train_step_for(T, n):  # one compiled step per curriculum stage
+        return make_steps(dataclasses.replace(cfg, T=T, n=n), mesh, tx, B, **step_options)[0]
+
+    _, eval_step = make_steps(eval_cfg, mesh, tx, B, ttc=ttc)
+    return Run(
+        cfg, eval_cfg, ttc, B, eval_batch(mesh, ttc, num_eval), tx, lr, examples_per_epoch,
+        total_steps, eval_every, num_steps, train_step_for, eval_step,
+    )  # fmt: skip
+
+
 def main(argv):
     del argv
     if _RETAIN_HOST_MEMORY.value:
@@ -750,15 +925,7 @@ def main(argv):
     is_main = jax.process_index() == 0  # only process 0 prints and writes
     say = functools.partial(print, flush=True) if is_main else lambda *_: None
 
-    # --- mesh: one 'data' axis over every device of every host
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
-    B = _GLOBAL_BATCH_SIZE.value
-    if B % mesh.size:  # every training row counts in the loss: no padding rows here
-        raise UserError(
-            f"--global_batch_size={B} does not divide over {mesh.size} devices "
-            f"({jax.process_count()} processes x {jax.local_device_count()})"
-        )
-    ttc = test_time_compute()
+    mesh = data_mesh()
     row_sharding = NamedSharding(mesh, P("data"))
 
     def to_global(local_batch):  # this process's rows -> one array over all devices
@@ -777,54 +944,26 @@ def main(argv):
         train_ds, test_ds = data.load(paths, "train"), data.load(paths, "test")
         if _TRAIN_PUZZLES.value is not None or _TRAIN_AUG.value is not None:
             train_ds = data.subset(train_ds, _TRAIN_PUZZLES.value, _TRAIN_AUG.value)
-        cfg = model_config(train_ds["meta"])
-        eval_cfg = dataclasses.replace(cfg, N_sup=ttc.n_sup or cfg.N_sup)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from e
-    check_schedules(cfg)
-    # An evaluation batch holds B_eval puzzles x K trajectories: whole puzzles per device,
-    # and no more puzzles than the evaluation has.
-    K, requested = max(ttc.trajectories), _EVAL_BATCH_SIZE.value or B
     num_eval = min(len(test_ds["inputs"]), _EVAL_MAX_EXAMPLES.value or len(test_ds["inputs"]))
-    B_eval = eval_batch_size(max(1, min(requested // K, num_eval)), mesh.size)
-    if B_eval * K != requested:
+    run = setup(train_ds["meta"], mesh, num_eval)
+    cfg, eval_cfg, ttc, tx, lr = run.cfg, run.eval_cfg, run.ttc, run.tx, run.lr
+    B, B_eval = run.batch_size, run.eval_batch_size
+    num_steps, eval_every = run.num_steps, run.eval_every
+    K = max(ttc.trajectories)
+    if B_eval * K != (_EVAL_BATCH_SIZE.value or B):
         per = f" x {K} trajectories" if K > 1 else ""
         say(f"evaluation batches of {B_eval} puzzles{per} ({mesh.size} devices)")
-    meta = train_ds["meta"]
-    examples_per_epoch = meta["total_groups"] * meta["mean_puzzle_examples"]
-    # As the reference: the LR schedule spans epochs * examples / B steps; the run is
-    # epochs / eval_interval rounds of eval_interval epochs, each ending in an evaluation.
-    if _EPOCHS.value % _EVAL_INTERVAL.value:
-        raise UserError(
-            f"--eval_interval={_EVAL_INTERVAL.value} must divide --epochs={_EPOCHS.value}"
-        )
-    total_steps = int(_EPOCHS.value * examples_per_epoch / B)
-    eval_every = int(_EVAL_INTERVAL.value * examples_per_epoch / B)
-    if eval_every < 1:
-        raise UserError(f"--eval_interval={_EVAL_INTERVAL.value} epochs is less than one batch")
-    num_steps = _EPOCHS.value // _EVAL_INTERVAL.value * eval_every
-    num_steps = min(num_steps, _MAX_STEPS.value or num_steps)
     sample = data.train_sampler(train_ds, B, _SEED.value, process_rows(row_sharding, B))
     eval_rows = process_rows(row_sharding, B_eval)
 
     # --- init: the same params on every host from the same seed
-    tx, lr = optimizer(total_steps)
     batch, cursor = sample(0)
     swa_start = _SWA_START.value
     state = init_state(
         cfg, tx, to_global(batch), mesh, _SEED.value, _EMA.value, swa_start is not None
     )
-    step_options = dict(
-        ema_rate=_EMA_RATE.value if _EMA.value else None,
-        exploration=exploration_schedule(total_steps),
-        swa_start=swa_start,
-    )
-
-    @functools.cache
-    def train_step_for(T, n):  # one compiled step per curriculum stage
-        return make_steps(dataclasses.replace(cfg, T=T, n=n), mesh, tx, B, **step_options)[0]
-
-    _, eval_step = make_steps(eval_cfg, mesh, tx, B, ttc=ttc)
 
     # --- restore. Where the run starts, first match wins:
     #   1. the newest complete checkpoint in --workdir/ckpt: a restarted or preempted run goes
@@ -850,7 +989,7 @@ def main(argv):
     )
     say(
         f"{cfg}\n{model.num_params(state['params']):,} params | {num_steps} steps "
-        f"({_EPOCHS.value} epochs of {examples_per_epoch} examples) | batch {B} on "
+        f"({_EPOCHS.value} epochs of {run.examples_per_epoch} examples) | batch {B} on "
         f"{mesh.size} devices, {jax.process_count()} processes | peak lr "
         f"{float(lr(max(1, _LR_WARMUP_STEPS.value))):.3g}"
         + (f" | resumed from {ckpt_dir}/step_{step:08d}" if step else "")
@@ -865,7 +1004,7 @@ def main(argv):
     def run_eval(weights=None, prefix="eval"):
         t0 = time.time()
         batches = data.eval_batches(test_ds, B_eval, _EVAL_MAX_EXAMPLES.value, eval_rows)
-        log = evaluate(eval_step, eval_params(weights), batches, to_global, eval_cfg, ttc)
+        log = evaluate(run.eval_step, eval_params(weights), batches, to_global, eval_cfg, ttc)
         log = {k.replace("eval/", f"{prefix}/", 1): v for k, v in log.items()}
         say(
             f"{prefix} @ {step}: exact {log[f'{prefix}/exact_accuracy']:.4f} | token "
@@ -920,7 +1059,7 @@ def main(argv):
     since_log, interval, saved = 0, None, step
     while step < num_steps:
         T, n = curriculum(cfg, step)
-        state, metrics = train_step_for(T, n)(state, batch)
+        state, metrics = run.train_step_for(T, n)(state, batch)
         step, since_log = step + 1, since_log + 1
         next_cursor = cursor  # the checkpoint of this step resumes from here
         batch, cursor = sample(cursor)  # the next batch is sampled while the step runs,

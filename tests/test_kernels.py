@@ -102,6 +102,25 @@ def test_explicit_block_sizes_and_their_validation():
         kernels.mixer_step(x, w, inj[:2], interpret=True)
 
 
+def test_float16_goes_to_the_xla_path():
+    """Mosaic does not compile the kernel in float16 (bench.py --aot, TPU v4 and v5e): the
+    wrapper refuses it, and --kernel=auto picks the XLA path for it even on TPU."""
+    from absl import flags  # noqa: PLC0415
+    from absl.testing import flagsaver  # noqa: PLC0415
+
+    import train  # noqa: PLC0415
+
+    x, w, _ = block_inputs(2, 13, 32, jnp.float16)
+    with pytest.raises(ValueError, match="takes float32 or bfloat16, not float16"):
+        kernels.mixer_step(x, w, interpret=True)
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(["pytest"])
+    with flagsaver.flagsaver(forward_dtype="float16"):
+        assert train.kernel_choice("tpu") == "xla"
+    with flagsaver.flagsaver(forward_dtype="bfloat16"):
+        assert train.kernel_choice("tpu") == "pallas"
+
+
 def test_default_block_sizes_fit_in_vmem():
     """Sudoku-MLP on v4 (16 MiB): bf16 takes 3 rows a step; in f32 the resident weights
     (10 MiB) leave room for 1; a block too large for VMEM is refused with the numbers."""
@@ -218,6 +237,10 @@ def test_train_py_loss_curve_with_the_kernel_equals_xla(tmp_path):
     [
         (["--kernel=pallas"], "--kernel=pallas is a TPU .Mosaic. kernel and this is cpu"),
         (["--kernel=pallas", "--nomlp_t", "--interpret"], "it needs --mlp_t"),
+        (
+            ["--kernel=pallas", "--forward_dtype=float16", "--interpret"],
+            "--kernel=pallas takes --forward_dtype=float32 or bfloat16, not float16",
+        ),
     ],
 )
 def test_kernel_flag_mistakes(tmp_path, args, message):

@@ -17,6 +17,7 @@ from absl import flags
 from absl.testing import flagsaver
 from jax.sharding import AxisType
 
+import bench
 import data
 import ema
 import model
@@ -73,7 +74,7 @@ def test_ema_update():
     assert ema.init(params)["w"] is not params["w"]  # a copy: donation-safe
 
 
-def run_steps(cfg, num_devices, batches):
+def run_steps(cfg, num_devices, batches, grad_accum_steps=1):
     """Train steps on a mesh of `num_devices` devices; returns the losses and final state."""
     mesh = jax.make_mesh(
         (num_devices,),
@@ -85,7 +86,9 @@ def run_steps(cfg, num_devices, batches):
     with flagsaver.flagsaver(lr=1e-2, lr_warmup_steps=0, puzzle_emb_lr=1e-2):
         tx, _ = train.optimizer(total_steps=100)
     state = train.init_state(cfg, tx, batches[0], mesh, seed=0, use_ema=True)
-    train_step, _ = train.make_steps(cfg, mesh, tx, B, ema_rate=0.9)
+    train_step, _ = train.make_steps(
+        cfg, mesh, tx, B, ema_rate=0.9, grad_accum_steps=grad_accum_steps
+    )
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     losses, norms = [], []
     for batch in batches:
@@ -102,18 +105,38 @@ def test_data_parallel_equals_single_device(mlp_t):
     cfg = tiny(mlp_t=mlp_t, pos_encodings="none" if mlp_t else "rope", halt_exploration_prob=0.5)
     batches = [batch_of(jax.random.key(i), B=16) for i in range(3)]
     one = run_steps(cfg, 1, batches)
-    eight = run_steps(cfg, 8, batches)
-    assert_close(eight[0], one[0], 1e-6, 1e-5, what="losses")
-    assert_close(eight[1], one[1], 1e-6, 1e-4, what="grad norms")
-    leaves = zip(
-        jax.tree_util.tree_leaves_with_path(eight[2]), jax.tree.leaves(one[2]), strict=True
-    )
-    for (path, a), b in leaves:
-        if jnp.issubdtype(a.dtype, jnp.floating):  # the recursion amplifies rounding in the carry
+    four = run_steps(cfg, 8, batches)
+    assert_same_training(four, one)
+
+
+def assert_same_training(a, b):
+    """Two run_steps results: the same losses, gradient norms and final state."""
+    assert_close(a[0], b[0], 1e-6, 1e-5, what="losses")
+    assert_close(a[1], b[1], 1e-6, 1e-4, what="grad norms")
+    leaves = zip(jax.tree_util.tree_leaves_with_path(a[2]), jax.tree.leaves(b[2]), strict=True)
+    for (path, x), y in leaves:
+        if jnp.issubdtype(x.dtype, jnp.floating):  # the recursion amplifies rounding in the carry
             atol = 5e-4 if "carry" in jax.tree_util.keystr(path) else 1e-5
-            assert_close(a, b, atol, 1e-4, what=jax.tree_util.keystr(path))
-        elif not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-            assert (np.asarray(a) == np.asarray(b)).all(), jax.tree_util.keystr(path)
+            assert_close(x, y, atol, 1e-4, what=jax.tree_util.keystr(path))
+        elif not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            assert (np.asarray(x) == np.asarray(y)).all(), jax.tree_util.keystr(path)
+
+
+def test_gradient_accumulation_equals_one_batch():
+    """--grad_accum_steps=4 on 2 devices (8 rows each, 4 chunks of 2 run in turn): the same
+    training as the whole batch at once, and the gradients still cross devices once, as
+    all-reduces of about the parameters' bytes (not once per chunk)."""
+    cfg = tiny(halt_exploration_prob=0.5)
+    batches = [batch_of(jax.random.key(i), B=16) for i in range(3)]
+    assert_same_training(run_steps(cfg, 2, batches, grad_accum_steps=4), run_steps(cfg, 2, batches))
+
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    tx, _ = train.optimizer(total_steps=100)
+    state = train.init_state(cfg, tx, batches[0], mesh, seed=0, use_ema=True)
+    step, _ = train.make_steps(cfg, mesh, tx, 16, ema_rate=0.9, grad_accum_steps=4)
+    ops, _ = bench.collectives(step.lower(state, batches[0]).compile().as_text())
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(state["params"]))
+    assert param_bytes <= ops["all-reduce"][1] <= 1.1 * param_bytes + 4096, (ops, param_bytes)
 
 
 def test_evaluation_on_any_device_count_counts_every_example_once(tmp_path):
@@ -222,6 +245,10 @@ def test_nan_loss_stops_the_run_with_the_step(tmp_path):
         (["--H_cycles=0", "--builtin_train=4", "--builtin_test=4"], r"Invalid Config \(T/n"),
         (["--eval_trajectories=0,4"], "--eval_trajectories=0,4: positive integers"),
         (["--eval_halt_max_steps=16,x"], "--eval_halt_max_steps=16,x: positive integers"),
+        (
+            ["--grad_accum_steps=3", "--global_batch_size=8", "--builtin_train=4"],
+            r"--grad_accum_steps=3 must be >= 1 and divide the 2 rows of each device",
+        ),
     ],
 )
 def test_user_mistakes_are_reported_without_a_traceback(tmp_path, args, message):
