@@ -39,7 +39,8 @@ STABLEMAX_EPS = 1e-30  # the reference's epsilon in s(x) = 1 / (1 - x + eps) for
 BUFFERS = ("H_init", "L_init")  # fixed random start states: in params, never trained
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-# The reference's arch keys (config/arch/trm.yaml) -> our Config fields.
+# The reference's arch keys (config/arch/trm.yaml) -> our Config fields. train.py's flags
+# carry the same names (--hidden_size sets D); FLAG_KEYS adds the flags of ours that set one.
 REFERENCE_KEYS = {
     "hidden_size": "D",
     "num_heads": "heads",
@@ -60,6 +61,12 @@ REFERENCE_KEYS = {
     "rope_theta": "rope_theta",
     "forward_dtype": "forward_dtype",
     "no_ACT_continue": "no_ACT_continue",
+}
+FLAG_KEYS = REFERENCE_KEYS | {
+    "loss_type": "loss_type",
+    "halt_step_penalty": "halt_step_penalty",
+    "kernel": "kernel",
+    "interpret": "interpret",
 }
 # Reference keys that carry no model information (H_layers is ignored by its trm.py too).
 REFERENCE_IGNORED = ("name", "H_layers", "batch_size", "causal")
@@ -131,20 +138,28 @@ class Config:
         return self.mlp_t and self.kernel == "xla"
 
     @classmethod
+    def from_flags(cls, values: dict, **overrides) -> "Config":
+        """Config from {name: value} in the names of train.py's flags (FLAG_KEYS); fields it
+        leaves out keep their defaults, which are the flags' defaults. A puzzle_emb_ndim of
+        None is the width D, as the flag's help says."""
+        kwargs = {FLAG_KEYS[k]: v for k, v in values.items() if k in FLAG_KEYS} | overrides
+        if "puzzle_emb_ndim" in kwargs and kwargs["puzzle_emb_ndim"] is None:
+            kwargs["puzzle_emb_ndim"] = kwargs.get("D", cls.D)
+        return cls(**kwargs)
+
+    @classmethod
     def from_reference(cls, arch: dict, **overrides) -> "Config":
         """Config from the reference's arch dict (or a whole all_config.yaml dict)."""
         arch = dict(arch.get("arch", arch))
         loss = arch.pop("loss", None) or {}
-        kwargs = {}
         if loss.get("loss_type"):
-            kwargs["loss_type"] = loss["loss_type"].removesuffix("_cross_entropy")
+            overrides = {"loss_type": loss["loss_type"].removesuffix("_cross_entropy")} | overrides
         unknown = sorted(k for k in arch if k not in REFERENCE_KEYS and k not in REFERENCE_IGNORED)
         if unknown:
             raise ValueError(
                 f"Unknown reference arch keys {unknown}; known: {list(REFERENCE_KEYS)}"
             )
-        kwargs.update({REFERENCE_KEYS[k]: v for k, v in arch.items() if k in REFERENCE_KEYS})
-        return cls(**{**kwargs, **overrides})
+        return cls.from_flags({k: v for k, v in arch.items() if k in REFERENCE_KEYS}, **overrides)
 
 
 def swiglu_width(width: int, expansion: float) -> int:

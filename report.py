@@ -30,7 +30,6 @@ Power laws are fitted to the error, 1 - exact accuracy = a * x^-b, by least squa
 """
 
 import dataclasses
-import functools
 import glob
 import json
 import math
@@ -42,9 +41,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-import bench
 import model
-import train  # noqa: F401 (defines the train.py flags whose defaults fill a run's config)
 
 _OUT = flags.DEFINE_string("out", "report", "folder for RESULTS.md and the plots")
 _BASELINE = flags.DEFINE_string("baseline", "sudoku_mlp", "group the others are compared with")
@@ -112,7 +109,7 @@ def read_run(path, group, point):
             for prefix in ("eval_swa", "eval_avg")
         },
         "env": env,
-        "done": os.path.exists(os.path.join(path, train.DONE)),
+        "done": os.path.exists(os.path.join(path, "done.json")),  # train.py's mark of a finish
     }
     run["cfg"] = config_of(run)
     shapes = jax.eval_shape(lambda key: model.init_params(key, run["cfg"]), jax.random.key(0))
@@ -121,7 +118,9 @@ def read_run(path, group, point):
 
 
 def parse_flags(text):
-    """flags.txt (absl's --name=value lines; --name / --noname for booleans) -> {name: str}."""
+    """flags.txt (absl's --name=value lines; --name / --noname for booleans) -> {name: str}.
+    A bare --noX is X=false, except for the flags whose own name starts with "no"
+    (--no_ACT_continue)."""
     out = {}
     for line in text.splitlines():
         if not line.startswith("--"):
@@ -129,7 +128,7 @@ def parse_flags(text):
         body = line[2:]
         if "=" in body:
             name, value = body.split("=", 1)
-        elif body.startswith("no") and body[2:] in flags.FLAGS and body not in flags.FLAGS:
+        elif body.startswith("no") and body not in model.FLAG_KEYS:
             name, value = body[2:], "false"
         else:
             name, value = body, "true"
@@ -137,35 +136,28 @@ def parse_flags(text):
     return out
 
 
-def flag(run, name):
-    """The run's value of a train.py flag, parsed; train.py's default when flags.txt lacks it."""
-    definition = flags.FLAGS[name]
-    if name in run["flags"]:
-        return definition.parser.parse(run["flags"][name])
-    return definition.default
+def int_flag(run, name):
+    """The run's value of an integer flag of train.py; None where flags.txt has none."""
+    value = run["flags"].get(name)
+    return None if value in (None, "") else int(value)
 
 
 def config_of(run):
-    """The model a run trained (Sudoku's vocabulary and length)."""
-    get = functools.partial(flag, run)
-    D = get("hidden_size")
-    return model.Config(
-        vocab_size=bench.SUDOKU_META["vocab_size"],
-        seq_len=bench.SUDOKU_META["seq_len"],
-        D=D,
-        heads=get("num_heads"),
-        expansion=get("expansion"),
-        T=get("H_cycles"),
-        n=get("L_cycles"),
-        layers=get("L_layers"),
-        N_sup=get("halt_max_steps"),
-        mlp_t=get("mlp_t"),
-        pos_encodings=get("pos_encodings"),
-        puzzle_emb_ndim=D if get("puzzle_emb_ndim") is None else get("puzzle_emb_ndim"),
-        puzzle_emb_len=get("puzzle_emb_len"),
-        forward_dtype=get("forward_dtype"),
-        no_ACT_continue=get("no_ACT_continue"),
-    )
+    """The model a run trained: its config.json (train.py writes it), else its flags.txt
+    read through model.FLAG_KEYS, on Sudoku's vocabulary and length (Config's defaults)."""
+    path = os.path.join(run["dir"], "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return model.Config(**json.load(f))
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(model.Config)}
+    values = {}
+    for name, text in run["flags"].items():
+        if name in model.FLAG_KEYS and name != "kernel":
+            kind = kinds[model.FLAG_KEYS[name]]
+            values[name] = text == "true" if kind is bool else kind(text)
+    if "puzzle_emb_ndim" not in run["flags"]:  # unset: the width D
+        values["puzzle_emb_ndim"] = None
+    return model.Config.from_flags(values)
 
 
 def step_flops(cfg):
@@ -259,8 +251,8 @@ def scaling_fits(groups, baseline):
         members = [r for r in runs if r["eval"]]
         values = {r["flags"].get(var) for r in members}
         members += [r for r in baseline if r["eval"] and r["flags"].get(var) not in values]
-        members = [r for r in members if SCALING[var] == "params" or flag(r, var) is not None]
-        xs = [r["params"] if SCALING[var] == "params" else flag(r, var) for r in members]
+        members = [r for r in members if SCALING[var] == "params" or int_flag(r, var) is not None]
+        xs = [r["params"] if SCALING[var] == "params" else int_flag(r, var) for r in members]
         if len(set(xs)) < 3:
             continue
         errors = [1 - r["eval"]["eval/exact_accuracy"] for r in members]

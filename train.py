@@ -237,33 +237,12 @@ def kernel_choice(platform=None) -> str:
 
 
 def model_config(meta, platform=None) -> model.Config:
-    return model.Config(
-        vocab_size=meta["vocab_size"],
-        seq_len=meta["seq_len"],
-        num_puzzle_identifiers=meta["num_puzzle_identifiers"],
-        D=_HIDDEN_SIZE.value,
-        heads=_NUM_HEADS.value,
-        expansion=_EXPANSION.value,
-        T=_H_CYCLES.value,
-        n=_L_CYCLES.value,
-        layers=_L_LAYERS.value,
-        N_sup=_HALT_MAX_STEPS.value,
-        halt_exploration_prob=_HALT_EXPLORATION_PROB.value,
-        mlp_t=_MLP_T.value,
-        pos_encodings=_POS_ENCODINGS.value,
-        puzzle_emb_len=_PUZZLE_EMB_LEN.value,
-        puzzle_emb_ndim=(
-            _HIDDEN_SIZE.value if _PUZZLE_EMB_NDIM.value is None else _PUZZLE_EMB_NDIM.value
-        ),
-        rms_norm_eps=_RMS_NORM_EPS.value,
-        rope_theta=_ROPE_THETA.value,
-        forward_dtype=_FORWARD_DTYPE.value,
-        no_ACT_continue=_NO_ACT_CONTINUE.value,
-        loss_type=_LOSS_TYPE.value,
-        kernel=kernel_choice(platform),
-        interpret=_INTERPRET.value,
-        halt_step_penalty=_HALT_STEP_PENALTY.value,
-    )
+    """The model the flags describe (model.FLAG_KEYS: the flags that set a Config field), for
+    a dataset's metadata (vocabulary, length, puzzle identifiers) and the platform compiled
+    for (--kernel=auto's choice)."""
+    values = {name: flags.FLAGS[name].value for name in model.FLAG_KEYS if name in flags.FLAGS}
+    data = {k: meta[k] for k in ("vocab_size", "seq_len", "num_puzzle_identifiers")}
+    return model.Config.from_flags(values | data, kernel=kernel_choice(platform))
 
 
 def curriculum(cfg, step):
@@ -983,7 +962,7 @@ def main(argv):
             raise UserError(f"--init_from={_INIT_FROM.value}: {e}") from e
         state = with_weights(state, weights, _EMA.value)
         say(f"--init_from={_INIT_FROM.value}: {what}")
-    write, close = open_workdir(_WORKDIR.value if is_main else None, resume_step=step)
+    write, close = open_workdir(_WORKDIR.value if is_main else None, cfg, resume_step=step)
     save, wait = (
         ckpt.checkpointer(ckpt_dir, _KEEP.value, _KEEP_BEST.value) if ckpt_dir else (None, None)
     )
@@ -1221,14 +1200,16 @@ def _flags_text():
     return flags.FLAGS.flags_into_string()
 
 
-def open_workdir(workdir, resume_step=0):
+def open_workdir(workdir, cfg, resume_step=0):
     """log(step, metrics) and close() for a run directory, local or gs://: flags.txt,
-    metrics.jsonl and TensorBoard events, all written through tensorstore. A resumed run
-    keeps the metrics up to its checkpoint's step and appends from there."""
+    config.json (the trained model's Config, which report.py reads), metrics.jsonl and
+    TensorBoard events, all written through tensorstore. A resumed run keeps the metrics up
+    to its checkpoint's step and appends from there."""
     if not workdir:
         return (lambda step, log: None), (lambda: None)
     store = ckpt.kvstore(workdir)
     store.write("flags.txt", _flags_text().encode()).result()
+    store.write("config.json", json.dumps(dataclasses.asdict(cfg), indent=1).encode()).result()
     env = json.dumps(environment(), indent=1).encode()  # one per start: a resume may move
     store.write(f"env_{resume_step:08d}.json", env).result()
     old = ckpt.read_text(store, "metrics.jsonl").splitlines(keepends=True)

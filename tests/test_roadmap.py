@@ -77,6 +77,39 @@ def test_each_flag_changes_only_its_config_fields(flag_values, fields):
     assert changed_fields(config_with(), config_with(**flag_values)) == fields
 
 
+def test_the_flags_defaults_are_the_config_defaults():
+    """One mapping (model.FLAG_KEYS): train.py's defaults make Config's default model, the
+    paper's Sudoku-MLP, and every Config field but the data's has a flag."""
+    cfg = config_with()
+    assert cfg == model.Config(kernel=cfg.kernel)
+    data = {"vocab_size", "seq_len", "num_puzzle_identifiers"}
+    fields = {f.name for f in dataclasses.fields(model.Config)}
+    assert set(model.FLAG_KEYS.values()) == fields
+    assert {k for k in model.FLAG_KEYS if k not in flags.FLAGS} == data
+
+
+@pytest.mark.parametrize(
+    "flag_values",
+    [
+        {},
+        {"hidden_size": 64, "puzzle_emb_len": 1, "H_cycles": 2, "forward_dtype": "float32"},
+        {"mlp_t": False, "pos_encodings": "rope", "num_heads": 4, "puzzle_emb_ndim": 0},
+        {"no_ACT_continue": False, "halt_step_penalty": 0.05, "loss_type": "softmax"},
+    ],
+)
+def test_report_reads_a_runs_config_as_train_py_made_it(tmp_path, flag_values):
+    """report.py, which does not import train.py: from the run's config.json, and from its
+    flags.txt alone (runs written before config.json), the Config train.py trained."""
+    import report  # noqa: PLC0415
+
+    with flagsaver.flagsaver(**flag_values, kernel="xla"):
+        cfg, text = train.model_config(META), flags.FLAGS.flags_into_string()
+    run = {"dir": str(tmp_path), "flags": report.parse_flags(text)}
+    assert report.config_of(run) == cfg
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    assert report.config_of(run) == cfg
+
+
 def test_model_sizes_of_the_scaling_experiment():
     """E3.1's header: hidden size 512 -> 768, 1024, 1280 is 5.0M -> 9.8M, 17.6M, 27.9M params."""
     counts = {}
