@@ -4,7 +4,6 @@ compiler only), what the compiler says of them, and run_all.sh --aot's table."""
 import importlib.util
 import json
 import os
-import pathlib
 import subprocess
 import sys
 import tempfile
@@ -12,8 +11,8 @@ import tempfile
 import pytest
 
 import bench
+from helpers import ROOT
 
-ROOT = pathlib.Path(__file__).parents[1]
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason='needs libtpu: pip install "jax[tpu]"'
 )

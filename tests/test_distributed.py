@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import re
 import socket
 import subprocess
@@ -14,8 +13,8 @@ import tensorstore as ts
 
 import ckpt
 import data
+from helpers import ROOT
 
-ROOT = pathlib.Path(__file__).parents[1]
 TINY = [
     "--builtin_train=60",
     "--builtin_test=20",

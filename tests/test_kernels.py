@@ -11,11 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import flagsaver
 
 import kernels
 import model
-from test_model import assert_close, batch_of, tiny
-from test_train import ROOT, run_steps
+import train
+from helpers import ROOT, assert_close, batch_of, run_steps, tiny
 
 TOL = {jnp.float32: (1e-4, 1e-5), jnp.bfloat16: (6e-2, 8e-3)}  # (max, mean) abs error
 SUDOKU = dict(L=97, D=512)  # the paper's Sudoku-MLP block: 16 puzzle positions + 81 cells
@@ -105,16 +106,9 @@ def test_explicit_block_sizes_and_their_validation():
 def test_float16_goes_to_the_xla_path():
     """Mosaic does not compile the kernel in float16 (bench.py --aot, TPU v4 and v5e): the
     wrapper refuses it, and --kernel=auto picks the XLA path for it even on TPU."""
-    from absl import flags  # noqa: PLC0415
-    from absl.testing import flagsaver  # noqa: PLC0415
-
-    import train  # noqa: PLC0415
-
     x, w, _ = block_inputs(2, 13, 32, jnp.float16)
     with pytest.raises(ValueError, match="takes float32 or bfloat16, not float16"):
         kernels.mixer_step(x, w, interpret=True)
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS(["pytest"])
     with flagsaver.flagsaver(forward_dtype="float16"):
         assert train.kernel_choice("tpu") == "xla"
     with flagsaver.flagsaver(forward_dtype="bfloat16"):

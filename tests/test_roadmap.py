@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from absl import flags
 from absl.testing import flagsaver
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
@@ -26,12 +24,9 @@ import data
 import ema
 import model
 import train
-from test_model import assert_close, batch_of, tiny
+from helpers import ROOT, assert_close, batch_of, tiny
 
-ROOT = pathlib.Path(__file__).parents[1]
 META = bench.SUDOKU_META
-if not flags.FLAGS.is_parsed():
-    flags.FLAGS(["pytest"])
 
 
 def run(cmd, env=None):

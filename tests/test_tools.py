@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -10,9 +9,7 @@ import jax
 import pytest
 
 import model
-from test_model import batch_of, tiny
-
-ROOT = pathlib.Path(__file__).parents[1]
+from helpers import ROOT, batch_of, tiny
 
 
 def run(cmd, **env):

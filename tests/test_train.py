@@ -3,7 +3,6 @@
 import functools
 import json
 import os
-import pathlib
 import re
 import subprocess
 import sys
@@ -13,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from absl import flags
 from absl.testing import flagsaver
 from jax.sharding import AxisType
 
@@ -22,11 +20,7 @@ import data
 import ema
 import model
 import train
-from test_model import assert_close, batch_of, tiny
-
-ROOT = pathlib.Path(__file__).parents[1]
-if not flags.FLAGS.is_parsed():
-    flags.FLAGS(["pytest"])
+from helpers import ROOT, assert_close, batch_of, run_steps, tiny
 
 
 def test_adam_atan2_matches_a_numpy_transcription():
@@ -72,30 +66,6 @@ def test_ema_update():
     shadow, params = {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, 0.0])}
     assert_close(ema.update(shadow, params, 0.9)["w"], [1.2, 1.8], 1e-7)
     assert ema.init(params)["w"] is not params["w"]  # a copy: donation-safe
-
-
-def run_steps(cfg, num_devices, batches, grad_accum_steps=1):
-    """Train steps on a mesh of `num_devices` devices; returns the losses and final state."""
-    mesh = jax.make_mesh(
-        (num_devices,),
-        ("data",),
-        axis_types=(jax.sharding.AxisType.Auto,),
-        devices=jax.devices()[:num_devices],
-    )
-    B = batches[0]["inputs"].shape[0]
-    with flagsaver.flagsaver(lr=1e-2, lr_warmup_steps=0, puzzle_emb_lr=1e-2):
-        tx, _ = train.optimizer(total_steps=100)
-    state = train.init_state(cfg, tx, batches[0], mesh, seed=0, use_ema=True)
-    train_step, _ = train.make_steps(
-        cfg, mesh, tx, B, ema_rate=0.9, grad_accum_steps=grad_accum_steps
-    )
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    losses, norms = [], []
-    for batch in batches:
-        state, metrics = train_step(state, jax.device_put(batch, sharding))
-        losses.append(float(metrics["loss"]))
-        norms.append(float(metrics["grad_norm"]))
-    return losses, norms, jax.device_get(state)
 
 
 @pytest.mark.parametrize("mlp_t", [True, False])
