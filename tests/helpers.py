@@ -1,6 +1,7 @@
 """What several test modules share: the repository root, tolerance checks, the tiny model
-config and its random batches, the parity goldens and data-parallel train steps. absl's
-flags are parsed here with their defaults (train.py's functions read them)."""
+config and its random batches, the parity goldens, data-parallel train steps, and the flags
+of the small train.py and bench.py runs. absl's flags are parsed here with their defaults
+(train.py's functions read them)."""
 
 import json
 import pathlib
@@ -19,6 +20,55 @@ ROOT = pathlib.Path(__file__).parents[1]
 TESTDATA = pathlib.Path(__file__).parent / "testdata"
 if not flags.FLAGS.is_parsed():
     flags.FLAGS(["pytest"])
+
+# train.py's flags for a tiny run on built-in data: 60 training puzzles with 40-45 blanks
+# (4 augmentations each) and 20 test puzzles; a D=32 MLP-mixer, T=2, n=1, N_sup=3; batch 16.
+# `run_flags` makes the command line, with a test's changes.
+TINY_RUN = {
+    "builtin_train": 60,
+    "builtin_test": 20,
+    "builtin_blanks": "40,45",
+    "builtin_aug": 4,
+    "hidden_size": 32,
+    "num_heads": 2,
+    "H_cycles": 2,
+    "L_cycles": 1,
+    "halt_max_steps": 3,
+    "puzzle_emb_len": 1,
+    "global_batch_size": 16,
+    "forward_dtype": "float32",
+    "lr": "3e-3",
+    "lr_warmup_steps": 2,
+    "log_every": 1,
+}
+# The smallest model of the bench.py and train.py runs: D=16, T=1, n=1, N_sup=2, float32.
+SMALL_MODEL = {
+    "hidden_size": 16,
+    "num_heads": 2,
+    "H_cycles": 1,
+    "L_cycles": 1,
+    "halt_max_steps": 2,
+    "forward_dtype": "float32",
+}
+# A run whose loss becomes NaN at its first steps (an absurd learning rate): the command of
+# docs/TROUBLESHOOTING.md's "NaN or Inf loss".
+NAN_RUN = {
+    "builtin_train": 20,
+    "builtin_test": 8,
+    "builtin_aug": 0,
+    **SMALL_MODEL,
+    "global_batch_size": 8,
+    "lr": "1e30",
+    "lr_warmup_steps": 0,
+    "epochs": 4,
+    "eval_interval": 4,
+    "log_every": 1,
+}
+
+
+def run_flags(values, **changes):
+    """["--name=value", ...] of a dict of flag values, with `changes` replacing or adding."""
+    return [f"--{name}={value}" for name, value in (values | changes).items()]
 
 
 def assert_close(actual, expected, atol, rtol=0.0, what=""):

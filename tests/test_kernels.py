@@ -16,7 +16,7 @@ from absl.testing import flagsaver
 import kernels
 import model
 import train
-from helpers import ROOT, assert_close, batch_of, run_steps, tiny
+from helpers import ROOT, TINY_RUN, assert_close, batch_of, run_flags, run_steps, tiny
 
 TOL = {jnp.float32: (1e-4, 1e-5), jnp.bfloat16: (6e-2, 8e-3)}  # (max, mean) abs error
 SUDOKU = dict(L=97, D=512)  # the paper's Sudoku-MLP block: 16 puzzle positions + 81 cells
@@ -192,29 +192,20 @@ def test_training_with_the_kernel_equals_xla_data_parallel():
 
 def test_train_py_loss_curve_with_the_kernel_equals_xla(tmp_path):
     def losses(kernel):
-        cmd = [
-            sys.executable,
-            "train.py",
-            "--builtin_train=40",
-            "--builtin_test=8",
-            "--builtin_aug=2",
-            f"--builtin_dir={tmp_path}",
-            f"--workdir={tmp_path / kernel}",
-            "--hidden_size=32",
-            "--H_cycles=2",
-            "--L_cycles=2",
-            "--halt_max_steps=2",
-            "--puzzle_emb_len=1",
-            "--global_batch_size=8",
-            "--forward_dtype=float32",
-            "--lr=3e-3",
-            "--lr_warmup_steps=2",
-            "--epochs=1",
-            "--eval_interval=1",
-            "--log_every=1",
-            f"--kernel={kernel}",
-            *(["--interpret"] if kernel == "pallas" else []),
-        ]
+        cmd = [sys.executable, "train.py", f"--builtin_dir={tmp_path}"]
+        cmd += [f"--workdir={tmp_path / kernel}", f"--kernel={kernel}"]
+        cmd += run_flags(
+            TINY_RUN,
+            builtin_train=40,
+            builtin_test=8,
+            builtin_aug=2,
+            L_cycles=2,
+            halt_max_steps=2,
+            global_batch_size=8,
+            epochs=1,
+            eval_interval=1,
+        )
+        cmd += ["--interpret"] if kernel == "pallas" else []
         out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
         assert out.returncode == 0, out.stderr[-3000:]
         assert f"kernel='{kernel}'" in out.stdout

@@ -9,7 +9,7 @@ import jax
 import pytest
 
 import model
-from helpers import ROOT, batch_of, tiny
+from helpers import ROOT, SMALL_MODEL, batch_of, run_flags, tiny
 
 
 def run(cmd, **env):
@@ -23,15 +23,9 @@ def test_bench_json_reports_every_figure():
         [
             sys.executable,
             "bench.py",
-            "--hidden_size=16",
-            "--num_heads=2",
-            "--H_cycles=1",
-            "--L_cycles=1",
-            "--halt_max_steps=2",
-            "--global_batch_size=4",
+            *run_flags(SMALL_MODEL, global_batch_size=4),
             "--steps=1",
             "--peak_n=256",
-            "--forward_dtype=float32",
             "--json",
         ],
         JAX_PLATFORMS="cpu",
@@ -114,8 +108,7 @@ def test_bench_side_by_side_with_a_stand_in_for_the_official_code(tmp_path):
     (tmp_path / "models" / "recursive_reasoning").mkdir(parents=True)
     (tmp_path / "models" / "losses.py").write_text(FAKE_LOSSES)
     (tmp_path / "models" / "recursive_reasoning" / "trm.py").write_text(FAKE_TRM)
-    flags = ["--hidden_size=16", "--num_heads=2", "--H_cycles=1", "--L_cycles=1"]
-    flags += ["--halt_max_steps=2", "--global_batch_size=4", "--forward_dtype=float32"]
+    flags = run_flags(SMALL_MODEL, global_batch_size=4)
     flags += ["--steps=1", "--rounds=2", "--warmup=0", f"--torch_ref={tmp_path}"]
     out = run([sys.executable, "bench.py", *flags], JAX_PLATFORMS="cpu")
     assert out.returncode == 0, out.stderr[-2000:]

@@ -20,7 +20,16 @@ import data
 import ema
 import model
 import train
-from helpers import ROOT, assert_close, batch_of, run_steps, tiny
+from helpers import (
+    NAN_RUN,
+    ROOT,
+    TINY_RUN,
+    assert_close,
+    batch_of,
+    run_flags,
+    run_steps,
+    tiny,
+)
 
 
 def test_adam_atan2_matches_a_numpy_transcription():
@@ -139,30 +148,16 @@ def test_evaluation_on_any_device_count_counts_every_example_once(tmp_path):
 def test_short_training_run_lowers_the_loss(tmp_path):
     """The real entry point on built-in data and 4 devices: the loss falls, every file is
     written, and the 20 test puzzles are evaluated in batches of 6 rounded up to 8 rows."""
-    cmd = [
-        sys.executable,
-        "train.py",
-        "--builtin_train=60",
-        "--builtin_test=20",
-        "--builtin_blanks=40,45",
-        "--builtin_aug=4",
-        f"--builtin_dir={tmp_path}",
-        f"--workdir={tmp_path / 'run'}",
-        "--hidden_size=32",
-        "--num_heads=2",
-        "--H_cycles=2",
-        "--L_cycles=1",
-        "--halt_max_steps=2",
-        "--puzzle_emb_len=1",
-        "--global_batch_size=16",
-        "--forward_dtype=float32",
-        "--lr=3e-3",
-        "--lr_warmup_steps=5",
-        "--epochs=16",
-        "--eval_interval=8",
-        "--log_every=10",
-        "--eval_batch_size=6",
-    ]
+    cmd = [sys.executable, "train.py", f"--builtin_dir={tmp_path}", f"--workdir={tmp_path / 'run'}"]
+    cmd += run_flags(
+        TINY_RUN,
+        halt_max_steps=2,
+        lr_warmup_steps=5,
+        epochs=16,
+        eval_interval=8,
+        log_every=10,
+        eval_batch_size=6,
+    )
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu")
     out = subprocess.run(
         cmd, capture_output=True, text=True, check=False, timeout=600, cwd=ROOT, env=env
@@ -182,26 +177,7 @@ def test_short_training_run_lowers_the_loss(tmp_path):
 
 
 def test_nan_loss_stops_the_run_with_the_step(tmp_path):
-    cmd = [
-        sys.executable,
-        "train.py",
-        "--builtin_train=20",
-        "--builtin_test=8",
-        "--builtin_aug=0",
-        f"--builtin_dir={tmp_path}",
-        "--hidden_size=16",
-        "--num_heads=2",
-        "--H_cycles=1",
-        "--L_cycles=1",
-        "--halt_max_steps=2",
-        "--global_batch_size=8",
-        "--forward_dtype=float32",
-        "--lr=1e30",
-        "--lr_warmup_steps=0",
-        "--epochs=4",
-        "--eval_interval=4",
-        "--log_every=1",
-    ]
+    cmd = [sys.executable, "train.py", *run_flags(NAN_RUN), f"--builtin_dir={tmp_path}"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300, cwd=ROOT)
     assert out.returncode != 0
     assert "The loss became NaN/Inf at step" in out.stderr, out.stderr[-2000:]
