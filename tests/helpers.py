@@ -3,8 +3,10 @@ config and its random batches, the parity goldens, data-parallel train steps, an
 of the small train.py and bench.py runs. absl's flags are parsed here with their defaults
 (train.py's functions read them)."""
 
+import itertools
 import json
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -142,3 +144,28 @@ def run_steps(cfg, num_devices, batches, grad_accum_steps=1):
         losses.append(float(metrics["loss"]))
         norms.append(float(metrics["grad_norm"]))
     return losses, norms, jax.device_get(state)
+
+
+def phases():
+    """run_all.sh's phases, {"phase1": [experiment, ...], ...}, read from its arrays."""
+    text = (ROOT / "run_all.sh").read_text()
+    return {name: body.split() for name, body in re.findall(r"^(phase\d)=\((.*)\)$", text, re.M)}
+
+
+def points(experiment, key="sweep"):
+    """The runs of configs/EXPERIMENT.flags as its header lines define them (run_all.sh's
+    header): the cartesian product of the `# sweep:` (or `# mini:`) line's values, one flag
+    list each, less the points with every flag of the `# skip:` line. No such line: one run
+    with no flags for `sweep`, none for `mini`."""
+    text = (ROOT / "configs" / f"{experiment}.flags").read_text()
+
+    def line(name):
+        found = re.search(rf"^# {name}:(.*)$", text, re.M)
+        return None if found is None else found.group(1).split()
+
+    spec = line(key)
+    if spec is None:
+        return [[]] if key == "sweep" else []
+    axes = [[f"{flag.split('=')[0]}={v}" for v in flag.split("=")[1].split(",")] for flag in spec]
+    skip = set(line("skip") or [None])
+    return [list(p) for p in itertools.product(*axes) if not skip <= set(p)]
