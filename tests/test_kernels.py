@@ -307,15 +307,17 @@ def test_bf16_xla_path_matmuls_stay_bf16_on_cpu(B, L, D):
     XLA:CPU sends to its bfloat16 kernels (5-8x its float32 rate on the project's CPU):
     bf16 x bf16 -> f32, row-major operands, (M, K) @ (K, N). A transposed operand, or a
     bf16 -> bf16 matmul, makes XLA upcast it to float32 instead. The only float32 matmuls
-    left are the RMSNorm means over L, ones (1, L) @ (L, B*D). Compiled only: the values are
-    checked by test_xla_path_matches_the_reference."""
+    left are the RMSNorm means over L, ones (1, L) @ (L, B*D). How many dots XLA leaves
+    (it may merge or split them) is its business; the form of each is what counts. Compiled
+    only: the values are checked by test_xla_path_matches_the_reference."""
     x, w, inj = block_inputs(B, L, D, jnp.bfloat16)
     ct = jax.random.normal(jax.random.key(9), x.shape).astype(jnp.bfloat16)
     grad = jax.jit(jax.grad(probe_loss(xla_path, ct), argnums=(0, 1, 2)))
     dots = dots_of(grad.lower(x, w, inj).compile().as_text())
     mean = (f"f32[1,{B * D}]{{1,0}}", f"f32[{L},1]{{1,0}}", f"f32[{L},{B * D}]{{1,0}}", (0, 0))
-    assert len(dots) == 18 and dots.count(mean) == 2, dots  # 16 block matmuls + 2 means
-    for out, lhs, rhs, contracting in (d for d in dots if d != mean):
+    block = [d for d in dots if d != mean]
+    assert block, dots  # the block's matmuls are dots of the module, not gone elsewhere
+    for out, lhs, rhs, contracting in block:
         assert out.startswith("f32[") and out.endswith("{1,0}"), (out, lhs, rhs)
         assert lhs.startswith("bf16[") and rhs.startswith("bf16["), (out, lhs, rhs)
         assert lhs.endswith("{1,0}") and rhs.endswith("{1,0}"), (out, lhs, rhs)
