@@ -68,12 +68,12 @@ def test_bench_kernel_on_cpu_is_a_clear_error():
 
 
 @pytest.mark.parametrize("mlp_t", [True, False], ids=["mlp", "attention"])
-@pytest.mark.parametrize("T", [1, 2])
-def test_model_flops_match_xla_cost_analysis(T, mlp_t):
-    """XLA counts a while loop's body once, so loops run at most once here (T <= 2, n = 1):
-    then its count of the train step's FLOPs (matmuls plus elementwise ops) is the formula's
-    (matmuls only) plus a few percent."""
-    cfg = tiny(T=T, n=1, D=64, heads=4, puzzle_emb_ndim=64, mlp_t=mlp_t)
+def test_model_flops_match_xla_cost_analysis(mlp_t):
+    """XLA's count of the train step's FLOPs (matmuls plus elementwise ops) is the formula's
+    (matmuls only) plus a few percent: the matmuls are nearly all the work. XLA counts a
+    while loop's body once whatever its trip count, so no loop runs more than once here
+    (T = 1, n = 1); the loops are counted in test_model_flops_match_the_jaxpr."""
+    cfg = tiny(T=1, n=1, D=64, heads=4, puzzle_emb_ndim=64, mlp_t=mlp_t)
     params = model.init_params(jax.random.key(0), cfg)
     batch = batch_of(jax.random.key(1), B=4)
     carry = model.initial_carry(cfg, batch)
@@ -120,21 +120,30 @@ def matmul_flops(jaxpr):
     return total
 
 
-def test_model_flops_of_the_paper_config_match_its_jaxpr():
-    """model.flops_per_example for Sudoku-MLP (E1.1: D=512, T=3, n=6) against the matmuls of
-    the train step itself: every dot_general of the jaxpr of the loss's gradient, each loop's
-    body times its trip count. That count has the T-1 no-gradient cycles, the differentiated
-    cycle and the XLA block's hand-written backward, and the heads; the formula counts the
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        model.Config(),
+        *(tiny(T=T, n=n, D=64, heads=4, puzzle_emb_ndim=64, mlp_t=mlp_t)
+          for T, n in ((1, 1), (2, 3)) for mlp_t in (True, False)),
+    ],
+    ids=["sudoku_mlp", "T1n1-mlp", "T1n1-attention", "T2n3-mlp", "T2n3-attention"],
+)  # fmt: skip
+def test_model_flops_match_the_jaxpr(cfg):
+    """model.flops_per_example against the matmuls of the train step itself: every
+    dot_general of the jaxpr of the loss's gradient, each loop's body times its trip count.
+    That count has the T-1 no-gradient cycles, the differentiated cycle and its backward
+    (the XLA block's hand-written one, or autodiff's), and the heads; the formula counts the
     block and head matmuls (forward, and twice that for the backward of the last cycle).
     Neither counts elementwise ops, reductions or gathers; the jaxpr also has the RMSNorm
-    means that the block's backward computes as matmuls (0.01% more). The count is the 42.7
-    GFLOP per example that bench.py's help and docs/PERFORMANCE.md quote. (The attention
-    block's formula: test_model_flops_match_xla_cost_analysis.)"""
-    cfg = model.Config()
+    means that the XLA block's backward computes as matmuls (0.01-0.05% more). For
+    Sudoku-MLP (E1.1: D=512, T=3, n=6) the count is the 42.7 GFLOP per example that
+    bench.py's help and docs/PERFORMANCE.md quote."""
     counted = matmul_flops(train_step_jaxpr(cfg))
     formula = model.flops_per_example(cfg)
     assert 1.0 <= counted / formula < 1.01, (counted, formula)
-    assert round(counted / 1e9, 1) == 42.7, counted
+    if cfg == model.Config():
+        assert round(counted / 1e9, 1) == 42.7, counted
 
 
 FAKE_LOSSES = """
