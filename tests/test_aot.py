@@ -4,7 +4,7 @@ compiler only), what the compiler says of them, and run_all.sh --aot's table."""
 import importlib.util
 import json
 import os
-import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -12,8 +12,8 @@ import tempfile
 import pytest
 
 import bench
+from helpers import ROOT, phases, points
 
-ROOT = pathlib.Path(__file__).parents[1]
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason='needs libtpu: pip install "jax[tpu]"'
 )
@@ -107,7 +107,7 @@ def test_a_program_too_big_for_hbm_is_reported_with_the_numbers():
     train = r["rows"][0]
     assert not train["fits"] and r["estimate"]["xla"] is None
     assert train["error"].startswith("does not fit in HBM: Ran out of memory on HBM"), train
-    assert "exceeds available HBM (30.75G)" in train["error"]
+    assert re.search(r"exceeds available HBM \(\d+(\.\d+)?G\)", train["error"]), train
     assert "NOT COMPILED" in out and "does not fit in HBM" in out
 
 
@@ -142,7 +142,9 @@ def test_run_all_aot_compiles_every_point_and_not_the_eval_only_commands(tmp_pat
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     commands = [line for line in out.stdout.splitlines() if line.startswith("+ ")]
-    assert len(commands) == 43 and "train.py" not in out.stdout
+    every_point = [p for phase in phases().values() for e in phase for p in points(e)]
+    assert len(commands) == len(every_point) - 1  # less sudoku_mlp's one point
+    assert "train.py" not in out.stdout
     assert sum("--flagfile=configs/e4_5_test_time.flags" in c for c in commands) == 1
     assert f"skip {tmp_path}/sudoku_mlp: compiled (aot.json)" in out.stdout
     base = f"+ {sys.executable} bench.py --flagfile=configs/sudoku_mlp.flags"

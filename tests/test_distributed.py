@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import re
 import socket
 import subprocess
@@ -14,28 +13,9 @@ import tensorstore as ts
 
 import ckpt
 import data
+from helpers import ROOT, TINY_RUN, run_flags
 
-ROOT = pathlib.Path(__file__).parents[1]
-TINY = [
-    "--builtin_train=60",
-    "--builtin_test=20",
-    "--builtin_blanks=40,45",
-    "--builtin_aug=4",
-    "--hidden_size=32",
-    "--num_heads=2",
-    "--H_cycles=2",
-    "--L_cycles=1",
-    "--halt_max_steps=3",
-    "--halt_exploration_prob=0.5",
-    "--puzzle_emb_len=1",
-    "--global_batch_size=16",
-    "--forward_dtype=float32",
-    "--lr=3e-3",
-    "--lr_warmup_steps=2",
-    "--epochs=3",
-    "--eval_interval=1",
-    "--log_every=1",
-]
+TINY = run_flags(TINY_RUN, halt_exploration_prob=0.5, epochs=3, eval_interval=1)
 
 
 def free_port():

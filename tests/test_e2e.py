@@ -4,14 +4,13 @@ Run with: JAX_PLATFORMS=cpu python -m pytest -q -m slow
 """
 
 import json
-import pathlib
 import subprocess
 import sys
 import time
 
 import pytest
 
-ROOT = pathlib.Path(__file__).parents[1]
+from helpers import ROOT
 
 
 @pytest.mark.slow

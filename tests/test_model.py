@@ -1,9 +1,7 @@
 """model.py: parity with the official PyTorch TRM, and the properties the paper relies on."""
 
 import dataclasses
-import json
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +10,8 @@ import pytest
 
 import ckpt
 import model
+from helpers import assert_close, batch_of, golden, tiny
 
-TESTDATA = pathlib.Path(__file__).parent / "testdata"
 # Eval logits drift apart step by step: the recursion amplifies float32 rounding. A float64
 # run of our model is as far from the reference's float32 logits as our float32 run is
 # (5.7e-4 vs 3.9e-4 at step 3 for tiny_mlp), so these bounds are rounding, not a bug.
@@ -35,26 +33,6 @@ METRICS = (
 # 0.3-2x as far as the official bfloat16.
 F32_FACTOR, F32_RTOL = 4.0, 2.0**-20
 BF16_FACTOR = 3.0
-
-
-def assert_close(actual, expected, atol, rtol=0.0, what=""):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    err = np.abs(actual - expected)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    ok = err <= atol + rtol * np.abs(expected)
-    assert ok.all(), (
-        f"{what}: max abs err {err.max():.3g}, mean {err.mean():.3g}, "
-        f"{(~ok).sum()} of {ok.size} beyond atol={atol} rtol={rtol}"
-    )
-
-
-def golden(name):
-    g = np.load(TESTDATA / f"{name}.npz")
-    cfg = model.Config.from_reference(json.loads((TESTDATA / f"{name}.json").read_text()))
-    state = {k.removeprefix("state/"): g[k] for k in g.files if k.startswith("state/")}
-    params = jax.tree.map(jnp.asarray, ckpt.params_from_reference(state, cfg))
-    batch = {k: jnp.asarray(g[k]) for k in ("inputs", "labels", "puzzle_identifiers")}
-    return g, cfg, params, batch
 
 
 @pytest.mark.parametrize("name", ["tiny_mlp", "tiny_att"])
@@ -228,32 +206,6 @@ def test_init_matches_reference_statistics():
     assert float(jnp.abs(w).max()) <= 2 * 256**-0.5 / model.TRUNC_STD + 1e-6
     assert not params["q_head"]["w"].any() and (params["q_head"]["b"] == -5).all()
     assert not params["puzzle_emb"].any()
-
-
-def tiny(**overrides):
-    kwargs = dict(
-        vocab_size=11,
-        seq_len=81,
-        D=32,
-        heads=2,
-        T=2,
-        n=2,
-        N_sup=3,
-        puzzle_emb_ndim=32,
-        puzzle_emb_len=4,
-        forward_dtype="float32",
-        halt_exploration_prob=0.0,
-    )
-    return model.Config(**kwargs | overrides)
-
-
-def batch_of(key, B=4):
-    k1, k2 = jax.random.split(key)
-    return {
-        "inputs": jax.random.randint(k1, (B, 81), 1, 11),
-        "labels": jax.random.randint(k2, (B, 81), 2, 11),
-        "puzzle_identifiers": jnp.zeros((B,), jnp.int32),
-    }
 
 
 def test_no_gradient_reaches_the_first_T_minus_1_cycles():

@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from absl import flags
 from absl.testing import flagsaver
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
@@ -26,12 +24,9 @@ import data
 import ema
 import model
 import train
-from test_model import assert_close, batch_of, tiny
+from helpers import ROOT, assert_close, batch_of, phases, points, tiny
 
-ROOT = pathlib.Path(__file__).parents[1]
 META = bench.SUDOKU_META
-if not flags.FLAGS.is_parsed():
-    flags.FLAGS(["pytest"])
 
 
 def run(cmd, env=None):
@@ -355,18 +350,22 @@ def test_run_all_takes_the_interpreter_from_PYTHON(tmp_path):
 
 def test_run_all_sweeps_the_cartesian_product_into_one_folder_each():
     lines = dry("e3_4_lr_vs_batch")
-    assert len(lines) == 6
+    assert len(lines) == len(points("e3_4_lr_vs_batch")) > 1
     assert lines[0].endswith(
         "--flagfile=configs/e3_4_lr_vs_batch.flags --global_batch_size=384 --lr_scaling=linear "
         "--workdir=runs/e3_4_lr_vs_batch/global_batch_size-384_lr_scaling-linear"
     )
-    assert len({line.split("--workdir=")[1] for line in lines}) == 6
+    assert len({line.split("--workdir=")[1] for line in lines}) == len(lines)
 
 
 def test_run_all_leaves_out_the_point_that_is_the_baseline():
     lines = dry("e2_2_t_n_grid")
-    assert len([line for line in lines if line.startswith("+")]) == 8
-    assert "skip e2_2_t_n_grid --H_cycles=3 --L_cycles=6: the same run as E1.1" in lines[7]
+    runs = [line for line in lines if line.startswith("+")]
+    assert len(runs) == len(points("e2_2_t_n_grid"))  # the grid less one point
+    assert not any("--H_cycles=3 --L_cycles=6 " in line for line in runs)
+    skipped = [line for line in lines if not line.startswith("+")]
+    assert len(skipped) == 1
+    assert "skip e2_2_t_n_grid --H_cycles=3 --L_cycles=6: the same run as E1.1" in skipped[0]
 
 
 def test_run_all_phases_cover_every_experiment_flagfile_once():
@@ -399,7 +398,9 @@ def test_run_all_mini_study_and_skips_finished_runs(tmp_path):
     lines = dry("--mini", f"--runs={tmp_path}", "phase2", "sudoku_mlp")
     runs = [line for line in lines if line.startswith("+")]
     assert all("--flagfile=configs/mini.flags" in line for line in runs)
-    assert len(runs) == 1 + 9 + 2 + 1  # EMA off, the 3 x 3 grid, attention (8, 2 heads), E1.1
+    # phase 2's experiments with a `# mini:` line, one run per point of it, then E1.1
+    expected = [p for e in [*phases()["phase2"], "sudoku_mlp"] for p in points(e, "mini")]
+    assert len(runs) == len(expected) > 1
     assert "skip e2_4_n_sup: no '# mini:' line in configs/e2_4_n_sup.flags" in lines
     (tmp_path / "e2_1_ema_off").mkdir()
     (tmp_path / "e2_1_ema_off" / "done.json").write_text("{}")

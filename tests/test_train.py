@@ -3,7 +3,6 @@
 import functools
 import json
 import os
-import pathlib
 import re
 import subprocess
 import sys
@@ -13,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from absl import flags
 from absl.testing import flagsaver
 from jax.sharding import AxisType
 
@@ -22,11 +20,16 @@ import data
 import ema
 import model
 import train
-from test_model import assert_close, batch_of, tiny
-
-ROOT = pathlib.Path(__file__).parents[1]
-if not flags.FLAGS.is_parsed():
-    flags.FLAGS(["pytest"])
+from helpers import (
+    NAN_RUN,
+    ROOT,
+    TINY_RUN,
+    assert_close,
+    batch_of,
+    run_flags,
+    run_steps,
+    tiny,
+)
 
 
 def test_adam_atan2_matches_a_numpy_transcription():
@@ -72,30 +75,6 @@ def test_ema_update():
     shadow, params = {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, 0.0])}
     assert_close(ema.update(shadow, params, 0.9)["w"], [1.2, 1.8], 1e-7)
     assert ema.init(params)["w"] is not params["w"]  # a copy: donation-safe
-
-
-def run_steps(cfg, num_devices, batches, grad_accum_steps=1):
-    """Train steps on a mesh of `num_devices` devices; returns the losses and final state."""
-    mesh = jax.make_mesh(
-        (num_devices,),
-        ("data",),
-        axis_types=(jax.sharding.AxisType.Auto,),
-        devices=jax.devices()[:num_devices],
-    )
-    B = batches[0]["inputs"].shape[0]
-    with flagsaver.flagsaver(lr=1e-2, lr_warmup_steps=0, puzzle_emb_lr=1e-2):
-        tx, _ = train.optimizer(total_steps=100)
-    state = train.init_state(cfg, tx, batches[0], mesh, seed=0, use_ema=True)
-    train_step, _ = train.make_steps(
-        cfg, mesh, tx, B, ema_rate=0.9, grad_accum_steps=grad_accum_steps
-    )
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    losses, norms = [], []
-    for batch in batches:
-        state, metrics = train_step(state, jax.device_put(batch, sharding))
-        losses.append(float(metrics["loss"]))
-        norms.append(float(metrics["grad_norm"]))
-    return losses, norms, jax.device_get(state)
 
 
 @pytest.mark.parametrize("mlp_t", [True, False])
@@ -169,30 +148,16 @@ def test_evaluation_on_any_device_count_counts_every_example_once(tmp_path):
 def test_short_training_run_lowers_the_loss(tmp_path):
     """The real entry point on built-in data and 4 devices: the loss falls, every file is
     written, and the 20 test puzzles are evaluated in batches of 6 rounded up to 8 rows."""
-    cmd = [
-        sys.executable,
-        "train.py",
-        "--builtin_train=60",
-        "--builtin_test=20",
-        "--builtin_blanks=40,45",
-        "--builtin_aug=4",
-        f"--builtin_dir={tmp_path}",
-        f"--workdir={tmp_path / 'run'}",
-        "--hidden_size=32",
-        "--num_heads=2",
-        "--H_cycles=2",
-        "--L_cycles=1",
-        "--halt_max_steps=2",
-        "--puzzle_emb_len=1",
-        "--global_batch_size=16",
-        "--forward_dtype=float32",
-        "--lr=3e-3",
-        "--lr_warmup_steps=5",
-        "--epochs=16",
-        "--eval_interval=8",
-        "--log_every=10",
-        "--eval_batch_size=6",
-    ]
+    cmd = [sys.executable, "train.py", f"--builtin_dir={tmp_path}", f"--workdir={tmp_path / 'run'}"]
+    cmd += run_flags(
+        TINY_RUN,
+        halt_max_steps=2,
+        lr_warmup_steps=5,
+        epochs=16,
+        eval_interval=8,
+        log_every=10,
+        eval_batch_size=6,
+    )
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu")
     out = subprocess.run(
         cmd, capture_output=True, text=True, check=False, timeout=600, cwd=ROOT, env=env
@@ -212,26 +177,7 @@ def test_short_training_run_lowers_the_loss(tmp_path):
 
 
 def test_nan_loss_stops_the_run_with_the_step(tmp_path):
-    cmd = [
-        sys.executable,
-        "train.py",
-        "--builtin_train=20",
-        "--builtin_test=8",
-        "--builtin_aug=0",
-        f"--builtin_dir={tmp_path}",
-        "--hidden_size=16",
-        "--num_heads=2",
-        "--H_cycles=1",
-        "--L_cycles=1",
-        "--halt_max_steps=2",
-        "--global_batch_size=8",
-        "--forward_dtype=float32",
-        "--lr=1e30",
-        "--lr_warmup_steps=0",
-        "--epochs=4",
-        "--eval_interval=4",
-        "--log_every=1",
-    ]
+    cmd = [sys.executable, "train.py", *run_flags(NAN_RUN), f"--builtin_dir={tmp_path}"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300, cwd=ROOT)
     assert out.returncode != 0
     assert "The loss became NaN/Inf at step" in out.stderr, out.stderr[-2000:]
