@@ -213,11 +213,6 @@ COUNTS = [
         "ROADMAP.md",
         r"--dry_run all +# print the (\d+) commands",
         "./run_all.sh --dry_run all --runs={tmp_path}",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="docs/ROADMAP.md says 44 commands; the dry run prints 45: a run per point "
-            "(44) and E4.4's `# then:` evaluation",
-        ),
         id="roadmap-dry-run-all",
     ),
     pytest.param(
@@ -230,11 +225,6 @@ COUNTS = [
         "SETUP_GUIDE.md",
         r"\((\d+) commands in all",
         TPU_DRY_RUN,
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="docs/SETUP_GUIDE.md says 7 commands (the tar, the copy, the set-up, one "
-            "per run of phase 1); phase 1 has 5 runs: 8",
-        ),
         id="setup-guide-tpu",
     ),
 ]

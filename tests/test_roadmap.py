@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from absl import flags
 from absl.testing import flagsaver
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
