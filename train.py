@@ -702,14 +702,20 @@ def select_trajectories(out, labels_BxS, K, ks):
     return chosen
 
 
-def evaluate(eval_step, params, batches, to_global, cfg=None, ttc=None):
+def evaluate(eval_step, params, batches, to_global, cfg=None, ttc=None, say=None, num_batches=0):
     """Test metrics: means over the test examples of the final step's metric sums, exact
     accuracy after each step, and for each of ttc.steps and trajectory count k (with cfg)
-    the accuracies of the selected answers and the forward FLOPs they cost per puzzle."""
-    total = None
-    for batch in batches:
+    the accuracies of the selected answers and the forward FLOPs they cost per puzzle.
+    With `say`, a long evaluation prints a progress line every half minute."""
+    total, t0, shown = None, time.time(), time.time()
+    for i, batch in enumerate(batches):
         sums = eval_step(params, to_global(batch))
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        if say and time.time() - shown > 30:
+            jax.block_until_ready(total)
+            shown, per_batch = time.time(), (time.time() - t0) / (i + 1)
+            eta = f", ETA {(num_batches - i - 1) * per_batch / 60:.1f} min" if num_batches else ""
+            say(f"eval: batch {i + 1}/{num_batches or '?'}, {per_batch:.1f} s/batch{eta}")
     total = jax.device_get(total)  # replicated sums: every process holds them
     count = max(int(total.pop("count")), 1)
     per_step = {k: total.pop(k) for k in list(total) if "@" in k}  # (N_sup,) hits each
@@ -983,7 +989,10 @@ def main(argv):
     def run_eval(weights=None, prefix="eval"):
         t0 = time.time()
         batches = data.eval_batches(test_ds, B_eval, _EVAL_MAX_EXAMPLES.value, eval_rows)
-        log = evaluate(run.eval_step, eval_params(weights), batches, to_global, eval_cfg, ttc)
+        log = evaluate(
+            run.eval_step, eval_params(weights), batches, to_global, eval_cfg, ttc, say,
+            num_batches=-(-num_eval // B_eval),
+        )  # fmt: skip
         log = {k.replace("eval/", f"{prefix}/", 1): v for k, v in log.items()}
         say(
             f"{prefix} @ {step}: exact {log[f'{prefix}/exact_accuracy']:.4f} | token "
