@@ -357,9 +357,9 @@ def dot(a, b):
 
     For bfloat16 operands that is what XLA computes for a plain bfloat16 `a @ b` anyway
     (then rounded), but not how fast: XLA:CPU rewrites a bfloat16 -> bfloat16 matmul into a
-    float32 one (210 GFLOP/s for 2048^3 on the project's CPU), while bfloat16 -> float32
-    goes to YNNPACK's AMX kernels (1750 GFLOP/s on the same machine). In float32 it is a
-    plain matmul."""
+    float32 one, while bfloat16 -> float32 goes to YNNPACK's bfloat16 (AMX) kernels, several
+    times faster where the CPU has them (docs/PERFORMANCE.md). In float32 it is a plain
+    matmul."""
     return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 

@@ -195,15 +195,14 @@ def retain_host_memory() -> bool:
     are already mapped; call it before JAX starts its threads. Returns False (and changes
     nothing) where the C library has no `mallopt`.
 
-    Why: XLA:CPU allocates a step's scratch (2.6 GiB for Sudoku-MLP at batch 32) anew at
-    every execution. By default glibc serves that from a fresh mmap and unmaps it after, so
-    every step page-faults 2.6 GiB back in (670k faults, ~2.7 s of kernel time per 7.6 s
-    step here). Settings: one heap for all threads (per-thread arenas would still mmap
-    large blocks), no mmap, never trim the heap, grow it 1 GiB at a time (so that small
+    Why: XLA:CPU allocates a step's scratch (gigabytes for Sudoku-MLP) anew at every
+    execution. By default glibc serves that from a fresh mmap and unmaps it after, so every
+    step page-faults all of it back in, a large share of a CPU step's time
+    (docs/PERFORMANCE.md). Settings: one heap for all threads (per-thread arenas would still
+    mmap large blocks), no mmap, never trim the heap, grow it 1 GiB at a time (so that small
     blocks left at its top don't force a fresh region). The heap still grows once or twice
-    in the first few steps (seen up to the sixth; that step faults its new pages in), then
-    stays put. Cost: the process keeps its peak host memory until it exits (about two
-    steps' scratch)."""
+    in the first few steps (that step faults its new pages in), then stays put. Cost: the
+    process keeps its peak host memory until it exits (about two steps' scratch)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
