@@ -255,18 +255,16 @@ def attention(w, cfg: Config, h_BxLxD, rope):
     return out_BxLxD @ w["out"].astype(h_BxLxD.dtype)
 
 
-def block(w, cfg: Config, h_BxLxD, injection, rope):
+def block(w, cfg: Config, h, injection, rope):
     """One post-norm block on h (+ the injection, when given): sequence mixing (an MLP over
-    L, or attention), then a channel MLP, each with a residual and an RMSNorm. With
-    `cfg.seq_major`, h and the injection are (L, B, D)."""
+    L, or attention), then a channel MLP, each with a residual and an RMSNorm. h and the
+    injection are in `recursion_layout`: (L, B, D) on the XLA mixer path, else (B, L, D)."""
     if cfg.mlp_t:  # the MLP-mixer block (kernels.mixer_step_ref), in XLA or fused in Pallas
         if cfg.kernel == "pallas":
-            return kernels.mixer_step(
-                h_BxLxD, w, injection, eps=cfg.rms_norm_eps, interpret=cfg.interpret
-            )
-        return kernels.mixer_step_xla(h_BxLxD, w, injection, eps=cfg.rms_norm_eps)
-    if injection is not None:
-        h_BxLxD = h_BxLxD + injection
+            eps, interpret = cfg.rms_norm_eps, cfg.interpret
+            return kernels.mixer_step(h, w, injection, eps=eps, interpret=interpret)
+        return kernels.mixer_step_xla(h, w, injection, eps=cfg.rms_norm_eps)
+    h_BxLxD = h if injection is None else h + injection
     h_BxLxD = rms_norm(h_BxLxD + attention(w, cfg, h_BxLxD, rope), cfg.rms_norm_eps)
     return rms_norm(h_BxLxD + swiglu(h_BxLxD, w["gate_up"], w["down"]), cfg.rms_norm_eps)
 
