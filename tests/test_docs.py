@@ -86,7 +86,7 @@ NOT_OURS = {
 }
 # Files the README names that a run (or report.py) writes, not the repository.
 WRITTEN = {"ckpt/", "data/", "done.json", "env_STEP.json", "flags.txt", "metrics.jsonl"}
-WRITTEN.add("RESULTS.md")
+WRITTEN |= {"config.json", "RESULTS.md"}
 
 
 def fenced(path):
