@@ -124,10 +124,24 @@ def vmem_capacity() -> int:
     return V4_VMEM
 
 
+def _tiles(D, F):
+    """(block_d, block_f): the token-mixing and channel-MLP tiles of the fused block."""
+    return next((d for d in (256, 128) if D % d == 0), D), next(
+        (f for f in (512, 256, 128) if F % f == 0), F
+    )
+
+
+def fits_vmem(L, D, Ft, F, dtype) -> bool:
+    """Whether the fused block fits the VMEM of the TPU traced for (`vmem_capacity`) with one
+    row per grid step. Its weights stay resident, so a wide block (D=1024 in bfloat16 on v4)
+    does not fit at any batch; --kernel=auto takes the XLA path for it."""
+    bs = BlockSizes(1, *_tiles(D, F))
+    return vmem_bytes(bs, 1, L, D, Ft, F, dtype) <= vmem_capacity()
+
+
 def default_block_sizes(B, L, D, Ft, F, dtype, injection=True) -> BlockSizes:
     """The largest block_b (a divisor of B, at most 8) whose VMEM estimate fits the budget."""
-    block_d = next((d for d in (256, 128) if D % d == 0), D)
-    block_f = next((f for f in (512, 256, 128) if F % f == 0), F)
+    block_d, block_f = _tiles(D, F)
     capacity = vmem_capacity()
     fits = [
         b

@@ -214,7 +214,8 @@ def retain_host_memory() -> bool:
 
 def kernel_choice(platform=None) -> str:
     """--kernel=auto: the fused Pallas kernel (kernels.py) for the MLP-mixer on TPU, where it
-    compiles; the XLA path elsewhere (CPU, GPU, attention, float16). `platform`: the one
+    compiles; the XLA path elsewhere (CPU, GPU, attention, float16; model_config also takes
+    it for a block too wide for VMEM). `platform`: the one
     compiled for (default: this machine's; bench.py --aot compiles for a TPU on a CPU one)."""
     platform, kernel = platform or jax.devices()[0].platform, _KERNEL.value
     fusable = _FORWARD_DTYPE.value in kernels.KERNEL_DTYPES
@@ -241,7 +242,12 @@ def model_config(meta, platform=None) -> model.Config:
     for (--kernel=auto's choice)."""
     values = {name: flags.FLAGS[name].value for name in model.FLAG_KEYS if name in flags.FLAGS}
     data = {k: meta[k] for k in ("vocab_size", "seq_len", "num_puzzle_identifiers")}
-    return model.Config.from_flags(values | data, kernel=kernel_choice(platform))
+    cfg = model.Config.from_flags(values | data, kernel=kernel_choice(platform))
+    widths = (model.swiglu_width(cfg.L, cfg.expansion), model.swiglu_width(cfg.D, cfg.expansion))
+    if _KERNEL.value == "auto" and cfg.kernel == "pallas":
+        if not kernels.fits_vmem(cfg.L, cfg.D, *widths, cfg.dtype):  # too wide for VMEM
+            cfg = dataclasses.replace(cfg, kernel="xla")
+    return cfg
 
 
 def curriculum(cfg, step):

@@ -115,6 +115,20 @@ def test_float16_goes_to_the_xla_path():
         assert train.kernel_choice("tpu") == "pallas"
 
 
+def test_auto_takes_the_xla_path_for_a_block_too_wide_for_vmem():
+    """E3.1's D=1024 and 1280 keep more weights resident than v4's 16 MiB of VMEM (bench.py
+    --aot=v4-32: ~21 MiB at D=1024): --kernel=auto runs them on the XLA path; D=768 and the
+    paper's 512 stay fused; an explicit --kernel=pallas is left to fail with the numbers."""
+    meta = {"vocab_size": 11, "seq_len": 81, "num_puzzle_identifiers": 1}
+    kinds = {}
+    for D in (512, 768, 1024, 1280):
+        with flagsaver.flagsaver(hidden_size=D, forward_dtype="bfloat16", kernel="auto"):
+            kinds[D] = train.model_config(meta, "tpu").kernel
+    assert kinds == {512: "pallas", 768: "pallas", 1024: "xla", 1280: "xla"}
+    with flagsaver.flagsaver(hidden_size=1024, forward_dtype="bfloat16", kernel="pallas"):
+        assert train.model_config(meta, "tpu").kernel == "pallas"
+
+
 def test_default_block_sizes_fit_in_vmem():
     """Sudoku-MLP on v4 (16 MiB): bf16 takes 3 rows a step; in f32 the resident weights
     (10 MiB) leave room for 1; a block too large for VMEM is refused with the numbers."""
