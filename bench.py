@@ -505,7 +505,7 @@ SLICES = {
 # The metadata of datasets that may not be on this machine, by the name data.py's commands
 # give their folders (README, Data). Sudoku-Extreme: the training count is the number before
 # "k" in the folder name (--subsample); 423K test puzzles (the paper's count).
-SUDOKU = dict(vocab_size=11, seq_len=81, num_puzzle_identifiers=1, mean_puzzle_examples=1)
+SUDOKU = dict(SUDOKU_META, mean_puzzle_examples=1)
 KNOWN_DATA = {r"sudoku-extreme-(\d+)k\b": SUDOKU}
 SUDOKU_EXTREME_TEST = 423_000
 

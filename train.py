@@ -212,15 +212,16 @@ def retain_host_memory() -> bool:
     return all([mallopt(option, value) == 1 for option, value in settings])  # each one tried
 
 
-def kernel_choice(platform=None) -> str:
+def kernel_choice(platform=None, cfg=None) -> str:
     """--kernel=auto: the fused Pallas kernel (kernels.py) for the MLP-mixer on TPU, where it
-    compiles; the XLA path elsewhere (CPU, GPU, attention, float16; model_config also takes
-    it for a block too wide for VMEM). `platform`: the one
-    compiled for (default: this machine's; bench.py --aot compiles for a TPU on a CPU one)."""
+    compiles and, given the model's `cfg`, fits the chip's VMEM; the XLA path elsewhere (CPU,
+    GPU, attention, float16, a block too wide). `platform`: the one compiled for (default:
+    this machine's; bench.py --aot compiles for a TPU on a CPU one)."""
     platform, kernel = platform or jax.devices()[0].platform, _KERNEL.value
     fusable = _FORWARD_DTYPE.value in kernels.KERNEL_DTYPES
     if kernel == "auto":
-        return "pallas" if platform == "tpu" and _MLP_T.value and fusable else "xla"
+        fused = platform == "tpu" and _MLP_T.value and fusable
+        return "pallas" if fused and (cfg is None or fits_vmem(cfg)) else "xla"
     if kernel == "pallas" and not _MLP_T.value:
         raise ValueError("--kernel=pallas fuses the MLP-mixer block: it needs --mlp_t")
     if kernel == "pallas" and not fusable:
@@ -242,12 +243,14 @@ def model_config(meta, platform=None) -> model.Config:
     for (--kernel=auto's choice)."""
     values = {name: flags.FLAGS[name].value for name in model.FLAG_KEYS if name in flags.FLAGS}
     data = {k: meta[k] for k in ("vocab_size", "seq_len", "num_puzzle_identifiers")}
-    cfg = model.Config.from_flags(values | data, kernel=kernel_choice(platform))
+    cfg = model.Config.from_flags(values | data, kernel="xla")  # "auto" is no Config value
+    return dataclasses.replace(cfg, kernel=kernel_choice(platform, cfg))
+
+
+def fits_vmem(cfg) -> bool:
+    """Whether the model's fused MLP-mixer block fits the VMEM of the TPU compiled for."""
     widths = (model.swiglu_width(cfg.L, cfg.expansion), model.swiglu_width(cfg.D, cfg.expansion))
-    if _KERNEL.value == "auto" and cfg.kernel == "pallas":
-        if not kernels.fits_vmem(cfg.L, cfg.D, *widths, cfg.dtype):  # too wide for VMEM
-            cfg = dataclasses.replace(cfg, kernel="xla")
-    return cfg
+    return kernels.fits_vmem(cfg.L, cfg.D, *widths, cfg.dtype)
 
 
 def curriculum(cfg, step):
