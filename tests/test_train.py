@@ -23,6 +23,7 @@ import train
 from helpers import (
     NAN_RUN,
     ROOT,
+    TESTDATA,
     TINY_RUN,
     assert_close,
     batch_of,
@@ -145,9 +146,19 @@ def test_evaluation_on_any_device_count_counts_every_example_once(tmp_path):
             assert_close(results[n][k], v, 1e-5, what=f"{k} on {n} devices")
 
 
+# The short run's losses and test metrics as tests/testdata/loss_curve.json has them: a
+# change to train.py, model.py or kernels.py that is not meant to change training keeps them
+# (to rounding across CPUs). TRMX_WRITE_GOLDEN=1 rewrites the file from this machine's run.
+GOLDEN_CURVE = TESTDATA / "loss_curve.json"
+CURVE_KEYS = ("train/loss", "train/lm_loss", "train/q_halt_loss", "eval/accuracy",
+              "eval/exact_accuracy", "eval/q_halt_accuracy", "eval/halted_steps")  # fmt: skip
+
+
 def test_short_training_run_lowers_the_loss(tmp_path):
     """The real entry point on built-in data and 4 devices: the loss falls, every file is
-    written, and the 20 test puzzles are evaluated in batches of 6 rounded up to 8 rows."""
+    written, and the 20 test puzzles are evaluated in batches of 6 rounded up to 8 rows. The
+    run goes through a two-stage curriculum, annealed exploration and gradient accumulation,
+    and its loss curve is the golden one."""
     cmd = [sys.executable, "train.py", f"--builtin_dir={tmp_path}", f"--workdir={tmp_path / 'run'}"]
     cmd += run_flags(
         TINY_RUN,
@@ -157,6 +168,11 @@ def test_short_training_run_lowers_the_loss(tmp_path):
         eval_interval=8,
         log_every=10,
         eval_batch_size=6,
+        curriculum_steps=20,
+        curriculum_start_H_cycles=1,
+        curriculum_start_L_cycles=1,
+        halt_exploration_final=0.0,
+        grad_accum_steps=2,
     )
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu")
     out = subprocess.run(
@@ -174,6 +190,15 @@ def test_short_training_run_lowers_the_loss(tmp_path):
     assert {"eval/exact_accuracy_step1", "eval/exact_accuracy_step2"} <= set(evals[-1])
     assert "--hidden_size=32" in (tmp_path / "run" / "flags.txt").read_text()
     assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+    curve = [{k: m[k] for k in ("step", *CURVE_KEYS) if k in m} for m in logs]
+    if os.environ.get("TRMX_WRITE_GOLDEN"):
+        GOLDEN_CURVE.write_text(json.dumps(curve, indent=1) + "\n")
+    golden_curve = json.loads(GOLDEN_CURVE.read_text())
+    assert [m.keys() for m in curve] == [m.keys() for m in golden_curve]
+    for got, want in zip(curve, golden_curve, strict=True):
+        for k in CURVE_KEYS:
+            if k in want:
+                assert_close(got[k], want[k], 1e-3, 1e-3, what=f"{k} at step {want['step']}")
 
 
 def test_nan_loss_stops_the_run_with_the_step(tmp_path):
