@@ -316,23 +316,36 @@ def mixer_step(x_BxLxD, weights, injection_BxLxD=None, *, eps=1e-5, block_sizes=
 
 
 def mixer_step_ref(x_BxLxD, weights, injection_BxLxD=None, *, eps=1e-5):
-    """The same block in plain jnp (the XLA path, the test oracle and the VJP), as the
+    """The same block in plain jnp (the test oracle and the fused kernel's VJP), as the
     reference writes it: mix over L on the transposed (B, D, L) view, then over D."""
-
-    def rms_norm(h):  # over the last axis, no scale; in float32
-        h32 = h.astype(jnp.float32)
-        ms = jnp.mean(h32 * h32, -1, keepdims=True)
-        return (h32 * jax.lax.rsqrt(ms + eps)).astype(h.dtype)
-
-    def swiglu(h, gate_up, down):  # over the last axis of h
-        gate, up = jnp.split(h @ gate_up.astype(h.dtype), 2, axis=-1)
-        return (jax.nn.silu(gate) * up) @ down.astype(h.dtype)
-
     h = x_BxLxD if injection_BxLxD is None else x_BxLxD + injection_BxLxD
     h_BxDxL = h.swapaxes(1, 2)
-    h_BxDxL = rms_norm(h_BxDxL + swiglu(h_BxDxL, weights["token_gate_up"], weights["token_down"]))
-    h = h_BxDxL.swapaxes(1, 2)
-    return rms_norm(h + swiglu(h, weights["gate_up"], weights["down"]))
+    token_mix = swiglu(h_BxDxL, weights["token_gate_up"], weights["token_down"])
+    h = rms_norm(h_BxDxL + token_mix, eps).swapaxes(1, 2)
+    return rms_norm(h + swiglu(h, weights["gate_up"], weights["down"]), eps)
+
+
+def rms_norm(x, eps, axis=-1):
+    """RMSNorm without a scale (post-norm, as in the reference), computed in float32."""
+    return (x.astype(jnp.float32) * rms_scale(x, axis, eps)).astype(x.dtype)
+
+
+def rms_scale(x, axis, eps):
+    """1 / RMS(x) over `axis` (the last, or 0 of a 2-D array), in float32, the axis kept."""
+    x = x.astype(jnp.float32)
+    return jax.lax.rsqrt(_mean(x * x, axis) + eps)
+
+
+def swiglu(x, gate_up, down):
+    """SwiGLU over x's last axis, down(silu(gate) * up), gate and up from one matmul; the
+    weights are cast to x's dtype, as the reference casts them."""
+    gate, up = jnp.split(x @ gate_up.astype(x.dtype), 2, axis=-1)
+    return glu(gate, up) @ down.astype(x.dtype)
+
+
+def glu(gate, up):
+    """SwiGLU's gate, silu(gate) * up, in the operands' dtype."""
+    return jax.nn.silu(gate) * up
 
 
 # ----------------------------------------------------------------------------- the XLA path
@@ -377,23 +390,11 @@ def dot(a, b):
     return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
-def _silu_glu(gate, up, dtype):
-    """silu(gate) * up in float32, rounded once to `dtype`."""
-    gate = gate.astype(jnp.float32)
-    return (gate * jax.nn.sigmoid(gate) * up.astype(jnp.float32)).astype(dtype)
-
-
 def _silu_glu_grad(d_out, gate, up):
     """(d gate, d up) of silu(gate) * up, in float32."""
     d_out, gate, up = (a.astype(jnp.float32) for a in (d_out, gate, up))
     sig = jax.nn.sigmoid(gate)
     return d_out * up * sig * (1 + gate * (1 - sig)), d_out * gate * sig
-
-
-def _rms_scale(s, axis, eps):
-    """1 / RMS(s) over `axis`, float32, kept as a broadcastable axis."""
-    s = s.astype(jnp.float32)
-    return jax.lax.rsqrt(_mean(s * s, axis) + eps)
 
 
 def _rms_norm_grad(d_out, s, scale, axis):
@@ -445,15 +446,15 @@ def _xla_forward(x, injection, weights, eps):
     gate_up_t, down_t = _t(w["token_gate_up"], dtype, True), _t(w["token_down"], dtype, True)
     gate = dot(gate_up_t[:Ft], h0)  # (Ft, B*D)
     up = dot(gate_up_t[Ft:], h0)
-    act = _silu_glu(gate, up, dtype)
+    act = glu(gate, up).astype(dtype)  # float32 math, rounded once
     s1 = h0 + dot(down_t, act)  # (L, B*D)
-    scale1 = _rms_scale(s1, 0, eps)
+    scale1 = rms_scale(s1, 0, eps)
     h1 = (s1 * scale1).astype(dtype).reshape(L * B, D)
     # Mixing over D: a SwiGLU on the rows of h1, a residual, an RMSNorm over D.
     gate2, up2 = dot(h1, w["gate_up"][:, :F]), dot(h1, w["gate_up"][:, F:])
-    act2 = _silu_glu(gate2, up2, dtype)  # (L*B, F)
+    act2 = glu(gate2, up2).astype(dtype)  # (L*B, F)
     s2 = h1 + dot(act2, w["down"])  # (L*B, D)
-    scale2 = _rms_scale(s2, -1, eps)
+    scale2 = rms_scale(s2, -1, eps)
     out = (s2 * scale2).astype(dtype).reshape(L, B, D)
     saved = (h0, gate, up, act, s1, scale1, h1, gate2, up2, act2, s2, scale2)
     # Zero-size slices of x and the injection: their types (dtype, the mesh axes they vary

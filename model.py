@@ -213,18 +213,6 @@ def num_params(params) -> int:
 # ----------------------------------------------------------------------------- the network
 
 
-def rms_norm(x, eps, axis=-1):
-    """RMSNorm without a scale, computed in float32 (post-norm, as in the reference)."""
-    x32 = x.astype(jnp.float32)
-    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis, keepdims=True) + eps)).astype(x.dtype)
-
-
-def swiglu(x_BxNxW, gate_up_WxF2, down_FxW):
-    """SwiGLU over the last axis: down(silu(gate) * up), gate and up from one fused matmul."""
-    gate, up = jnp.split(x_BxNxW @ gate_up_WxF2.astype(x_BxNxW.dtype), 2, axis=-1)
-    return (jax.nn.silu(gate) * up) @ down_FxW.astype(x_BxNxW.dtype)
-
-
 def rope_tables(cfg: Config):
     """Non-interleaved ("rotate half") RoPE cos/sin tables, (L, head_dim) each, float32."""
     head_dim = cfg.D // cfg.heads
@@ -256,17 +244,21 @@ def attention(w, cfg: Config, h_BxLxD, rope):
 
 
 def block(w, cfg: Config, h, injection, rope):
-    """One post-norm block on h (+ the injection, when given): sequence mixing (an MLP over
-    L, or attention), then a channel MLP, each with a residual and an RMSNorm. h and the
-    injection are in `recursion_layout`: (L, B, D) on the XLA mixer path, else (B, L, D)."""
-    if cfg.mlp_t:  # the MLP-mixer block (kernels.mixer_step_ref), in XLA or fused in Pallas
+    """One post-norm block on h (+ the injection, when given):
+        h <- RMSNorm(h + mix(h)), then h <- RMSNorm(h + SwiGLU(h)) over the channels,
+    where mix is attention, or with mlp_t a SwiGLU over the sequence (the MLP-mixer block:
+    kernels.mixer_step_ref in the (B, L, D) layout, run by the fused Pallas kernel or the
+    XLA path). h and the injection are in `recursion_layout`: (L, B, D) on the XLA mixer
+    path, else (B, L, D)."""
+    if cfg.mlp_t:
         if cfg.kernel == "pallas":
             eps, interpret = cfg.rms_norm_eps, cfg.interpret
             return kernels.mixer_step(h, w, injection, eps=eps, interpret=interpret)
         return kernels.mixer_step_xla(h, w, injection, eps=cfg.rms_norm_eps)
     h_BxLxD = h if injection is None else h + injection
-    h_BxLxD = rms_norm(h_BxLxD + attention(w, cfg, h_BxLxD, rope), cfg.rms_norm_eps)
-    return rms_norm(h_BxLxD + swiglu(h_BxLxD, w["gate_up"], w["down"]), cfg.rms_norm_eps)
+    h_BxLxD = kernels.rms_norm(h_BxLxD + attention(w, cfg, h_BxLxD, rope), cfg.rms_norm_eps)
+    mlp = kernels.swiglu(h_BxLxD, w["gate_up"], w["down"])
+    return kernels.rms_norm(h_BxLxD + mlp, cfg.rms_norm_eps)
 
 
 def net(params, cfg: Config, h, injection, rope):
