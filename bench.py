@@ -62,6 +62,7 @@ from absl import app, flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import ckpt
 import data
 import model
 import train
@@ -168,11 +169,12 @@ def data_rate(batch_size, seconds=2.0):
 def bench(cfg, B, steps, warmup):
     """Compile and time the train step and the eval step on all local devices."""
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    tx, _ = train.optimizer(total_steps=10**6)
+    tx, _ = train.optimizer(train.options(), total_steps=10**6)
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     batch = jax.device_put(synthetic_batch(cfg, B), rows)
     state = train.init_state(cfg, tx, batch, mesh, seed=0, use_ema=True)
-    train_step, eval_step = train.make_steps(cfg, mesh, tx, B, ema_rate=0.999)
+    train_step = train.make_train_step(cfg, mesh, tx, B, ema_rate=0.999)
+    eval_step = train.make_eval_step(cfg, mesh)
 
     t0 = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
@@ -198,10 +200,10 @@ def bench(cfg, B, steps, warmup):
 
 def run_one():
     try:
-        cfg = train.model_config(SUDOKU_META)
+        cfg = train.model_config(train.options(), SUDOKU_META)
     except ValueError as e:  # a bad flag combination (e.g. --kernel=pallas on CPU)
         raise SystemExit(f"bench.py: {e}") from None
-    B = train._GLOBAL_BATCH_SIZE.value
+    B = train.options().global_batch_size
     peak = matmul_peak(cfg.dtype, _PEAK_N.value)
     r = bench(cfg, B, _STEPS.value, _WARMUP.value)
     flops = model.flops_per_example(cfg)
@@ -382,10 +384,10 @@ def side_by_side(cfg, B):
 def ours_train_step(cfg, B):
     """Our jitted train step as a blocking closure (one device)."""
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    tx, _ = train.optimizer(total_steps=10**6)
+    tx, _ = train.optimizer(train.options(), total_steps=10**6)
     batch = jax.device_put(synthetic_batch(cfg, B), jax.devices()[0])
     state = train.init_state(cfg, tx, batch, mesh, seed=0, use_ema=True)
-    train_step, _ = train.make_steps(cfg, mesh, tx, B, ema_rate=0.999)
+    train_step = train.make_train_step(cfg, mesh, tx, B, ema_rate=0.999)
 
     def step():
         nonlocal state
@@ -553,11 +555,11 @@ def train_meta():
     """(training split's metadata, test examples or None, where they came from): read from
     the dataset when it is here, else the known metadata of its kind (KNOWN_DATA), else the
     built-in data's from its flags; --train_puzzles and --train_aug applied."""
-    paths = train._DATA_PATHS.value
-    puzzles, aug = train._TRAIN_PUZZLES.value, train._TRAIN_AUG.value
+    o = train.options()
+    paths, puzzles, aug = o.data_paths, o.train_puzzles, o.train_aug
     if not paths:
-        meta = dict(SUDOKU, total_groups=train._BUILTIN_TRAIN.value)
-        test, source = train._BUILTIN_TEST.value, "built-in data (its flags)"
+        meta = dict(SUDOKU, total_groups=o.builtin_train)
+        test, source = o.builtin_test, "built-in data (its flags)"
     elif all(os.path.exists(os.path.join(p, "train", "dataset.json")) for p in paths):
         ds = data.load(paths, "train")
         if puzzles is not None or aug is not None:
@@ -702,9 +704,9 @@ def _libtpu_version():
     return importlib.metadata.version("libtpu")
 
 
-def stage_steps(cfg, num_steps):
+def stage_steps(run):
     """{(T, n): steps trained at it}: the curriculum's stages (train.curriculum)."""
-    return Counter(train.curriculum(cfg, s) for s in range(num_steps))
+    return Counter(run.stage(s) for s in range(run.num_steps))
 
 
 def compile_experiment(slice_name, kernels):
@@ -715,21 +717,21 @@ def compile_experiment(slice_name, kernels):
     hosts = len({d.process_index for d in devices})
     meta, test_examples, source = train_meta()
     examples = test_examples
-    if examples is not None and train._EVAL_MAX_EXAMPLES.value:
-        examples = min(examples, train._EVAL_MAX_EXAMPLES.value)
+    o = train.options()
+    if examples is not None and o.eval_max_examples:
+        examples = min(examples, o.eval_max_examples)
     jobs = []
     for kernel in kernels:
-        flags.FLAGS.kernel = kernel  # model_config reads it (--kernel)
-        run = train.setup(meta, mesh, examples, platform="tpu")
+        run = train.setup(train.options(kernel=kernel), meta, mesh, examples, platform="tpu")
         B, B_eval, K = run.batch_size, run.eval_batch_size, max(run.ttc.trajectories)
         shapes = batch_shapes(mesh, B, run.cfg.seq_len)
         _, state, shardings = train.state_layout(
-            run.cfg, run.tx, shapes, mesh, 0, train._EMA.value, train._SWA_START.value is not None
+            run.cfg, run.tx, shapes, mesh, 0, o.ema, o.swa_start is not None
         )
         state = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, shardings
         )
-        stages = {} if train._EVAL_ONLY.value else stage_steps(run.cfg, run.num_steps)
+        stages = {} if o.eval_only else stage_steps(run)
         for (T, n), steps in sorted(stages.items()):
             cfg = dataclasses.replace(run.cfg, T=T, n=n)
             flops = model.flops_per_example(cfg) * B / mesh.size
@@ -741,7 +743,7 @@ def compile_experiment(slice_name, kernels):
         flops = model.flops_per_example(run.eval_cfg, train_step=False) * B_eval * K / mesh.size
         eval_args = (params, batch_shapes(mesh, B_eval, run.cfg.seq_len, eval_batch=True))
         evals = -(-run.num_steps // run.eval_every)  # after every eval_every steps and at the end
-        evals = 1 if train._EVAL_ONLY.value else evals
+        evals = 1 if o.eval_only else evals
         batches = None if examples is None else evals * -(-examples // B_eval)
         jobs.append((kernel, "eval", batches, run.eval_step, eval_args, flops))
 
@@ -864,9 +866,10 @@ def aot_report(r):
 
 def aot_main(slice_name, as_json):
     use_compile_only_tpu(slice_name)
-    kernel = train._KERNEL.value
+    o = train.options()
+    kernel = o.kernel
     if kernel == "auto":
-        kernels = ["pallas", "xla"] if train._MLP_T.value else ["xla"]
+        kernels = ["pallas", "xla"] if o.mlp_t else ["xla"]
     else:
         kernels = [kernel]
     result = compile_experiment(slice_name, kernels)
@@ -878,7 +881,7 @@ def aot_main(slice_name, as_json):
 
 def machine():
     """This machine's CPU and core count (where the compiling ran)."""
-    names = [line for line in train._read_lines("/proc/cpuinfo") if line.startswith("model name")]
+    names = [line for line in ckpt.read_lines("/proc/cpuinfo") if line.startswith("model name")]
     cpu = names[0].split(":", 1)[1].strip() if names else "unknown CPU"
     return f"{cpu}, {os.cpu_count()} cores"
 
@@ -967,14 +970,15 @@ def aot_table(root, command):
 
 def main(argv):
     del argv
-    if train._RETAIN_HOST_MEMORY.value:  # as train.py does; --noretain_host_memory to compare
+    if train.options().retain_host_memory:  # as train.py does; --noretain_host_memory to compare
         train.retain_host_memory()
     if _AOT_TABLE.value:
         print(aot_table(_AOT_TABLE.value, _AOT_COMMAND.value or "./run_all.sh --aot=SLICE ..."))
     elif _AOT.value:
         aot_main(_AOT.value, _JSON.value)
     elif _TORCH_REF.value:
-        result = side_by_side(train.model_config(SUDOKU_META), train._GLOBAL_BATCH_SIZE.value)
+        o = train.options()
+        result = side_by_side(train.model_config(o, SUDOKU_META), o.global_batch_size)
         if _JSON.value:
             print(json.dumps(result))
     elif _SCALING.value:

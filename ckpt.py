@@ -1,4 +1,5 @@
-"""Checkpoints of the whole train state, local or gs://, and import of PyTorch TRM weights.
+"""Checkpoints of the whole train state, local or gs://, import of PyTorch TRM weights, and
+a run directory's records (flags, config, metrics, TensorBoard events, environment).
 
 Every file goes through tensorstore: `kvstore(path)` opens a local directory or a
 gs://bucket/prefix, and each leaf of the train state is one zarr v3 array (dtype as trained,
@@ -28,11 +29,18 @@ training) onto `model.init_params`' pytree, strictly: a missing, extra or mis-sh
 is an error that names the keys. `load_torch(path, cfg)` reads such a file with torch.
 """
 
+import atexit
 import concurrent.futures
 import hashlib
+import importlib.metadata
+import itertools
 import json
+import math
 import os
+import platform
 import shutil
+import subprocess
+import tempfile
 import time
 
 import jax
@@ -202,6 +210,64 @@ def restore(directory: str, step: int, target):
     return jax.tree_util.tree_unflatten(treedef, leaves), commit["extra"]
 
 
+def load_weights(path, cfg: model.Config, state, prefer_ema=True):
+    """(weights with the buffers, what they are) from a PyTorch TRM checkpoint file or a
+    checkpoint folder of ours (or a run directory holding one), shaped like the train
+    `state`. From ours: the EMA where the run kept one (it is what the run evaluated), unless
+    not `prefer_ema`; the puzzle table is always the trained one."""
+    if os.path.isfile(path):
+        return load_torch(path, cfg), "the weights of the PyTorch checkpoint"
+    where, found = path, latest(path)
+    if not found:
+        where = f"{path.rstrip('/')}/ckpt"
+        found = latest(where)
+    if not found:
+        raise ValueError(
+            "neither a PyTorch checkpoint file nor a folder with a complete checkpoint"
+        )
+    step, commit = found
+    target = {"params": state["params"], "buffers": state["buffers"]}
+    kept_ema = any(name.startswith("ema/") for name in commit["leaves"])
+    if prefer_ema and kept_ema:
+        target["ema"] = {k: v for k, v in state["params"].items() if k != "puzzle_emb"}
+        what = f"the EMA weights of step {step}"
+    else:
+        what = f"the raw weights of step {step}" + ("" if kept_ema else " (the run kept no EMA)")
+    weights, _ = restore(where, step, target)
+    return weights["params"] | weights.get("ema", {}) | weights["buffers"], what
+
+
+def with_weights(state, weights):
+    """The train state with these weights and buffers (numpy or jax arrays, shaped as the
+    state's), placed as the state's; the rest of the state untouched."""
+
+    def place(like, x):
+        x = np.asarray(x, like.dtype)
+        if x.shape != like.shape:
+            raise ValueError(f"a weight of shape {x.shape}, this model needs {like.shape}")
+        return jax.make_array_from_callback(like.shape, like.sharding, lambda i: x[i])
+
+    params = jax.tree.map(place, state["params"], {k: weights[k] for k in state["params"]})
+    buffers = jax.tree.map(place, state["buffers"], {k: weights[k] for k in state["buffers"]})
+    return state | {"params": params, "buffers": buffers}
+
+
+def newest_weights(directory, k, state, key):
+    """The `key` weights ("ema" or "params", less the puzzle table) of the newest k intact
+    checkpoints under `directory` (shaped like the train `state`), and their steps."""
+    found = list(itertools.islice(intact(directory), k)) if directory else []
+    if len(found) < k:
+        raise ValueError(
+            f"{len(found)} intact checkpoints in {directory} (steps {[s for s, _ in found]}); "
+            f"train with --keep >= {k}"
+        )
+    trees = []
+    for step, _ in found:
+        weights = restore(directory, step, {key: state[key]})[0][key]
+        trees.append({name: w for name, w in weights.items() if name != "puzzle_emb"})
+    return trees, [s for s, _ in found]
+
+
 def _verify(folder, commit):
     """None if every region of the checkpoint hashes as committed, else what is wrong."""
     try:
@@ -213,6 +279,89 @@ def _verify(folder, commit):
     except (ValueError, KeyError) as e:  # missing or unreadable array files
         return f"unreadable ({str(e).splitlines()[0]})"
     return None
+
+
+# ----------------------------------------------------------------------------- the run's records
+
+
+def open_workdir(workdir, files, resume_step=0):
+    """log(step, metrics) and close() for a run directory, local or gs://, written through
+    tensorstore: `files` ({name: text}; the run's flags, config, environment) now, then at
+    every log metrics.jsonl and the TensorBoard events. A resumed run keeps the metrics up to
+    its checkpoint's step and appends from there."""
+    if not workdir:
+        return (lambda step, log: None), (lambda: None)
+    store = kvstore(workdir)
+    for name, text in files.items():
+        store.write(name, text.encode()).result()
+    old = read_text(store, "metrics.jsonl").splitlines(keepends=True)
+    lines = [line for line in old if json.loads(line)["step"] <= resume_step]
+    events = tempfile.mkdtemp(prefix="trmx-events-")  # copied into the store at every log
+    atexit.register(shutil.rmtree, events, ignore_errors=True)  # also when the run fails
+    from tensorboardX import SummaryWriter  # noqa: PLC0415 (only when writing)
+
+    # purge_step: TensorBoard drops what an interrupted run logged after the checkpoint
+    writer = SummaryWriter(events, purge_step=resume_step + 1 if resume_step else None)
+
+    def log(step, metrics):
+        lines.append(json.dumps({"step": step} | metrics) + "\n")
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                writer.add_scalar(k, v, step)
+        writer.flush()
+        writes = [store.write("metrics.jsonl", "".join(lines).encode())]
+        for name in os.listdir(events):
+            with open(os.path.join(events, name), "rb") as f:
+                writes.append(store.write(name, f.read()))
+        for w in writes:
+            w.result()
+
+    def close():
+        writer.close()
+        shutil.rmtree(events, ignore_errors=True)
+
+    return log, close
+
+
+def environment():
+    """What a run ran on and with, for its record (report.py prints it)."""
+    cpuinfo = [line for line in read_lines("/proc/cpuinfo") if line.startswith("model name")]
+    cpu = cpuinfo[0].split(":", 1)[1].strip() if cpuinfo else platform.processor()
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        git = ["git", "-C", here, "describe", "--always", "--dirty"]
+        commit = subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    versions = {name: _version(name) for name in ("jax", "numpy", "optax", "jaxlib")}
+    return {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "commit": commit or "unknown",
+        "python": platform.python_version(),
+        "versions": versions,
+        "platform": jax.devices()[0].platform,
+        "device_kind": jax.devices()[0].device_kind,
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "host_cpu": cpu,
+        "host_cores": os.cpu_count(),
+    }
+
+
+def _version(package):
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def read_lines(path):
+    """The lines of a text file, or [] when it cannot be read."""
+    try:
+        with open(path) as f:
+            return f.readlines()
+    except OSError:
+        return []
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -23,6 +23,8 @@ import csv
 import json
 import os
 import random
+import shutil
+import time
 
 import numpy as np
 from absl import app, flags, logging
@@ -286,6 +288,27 @@ def build_builtin(out, num_train, num_test, min_blanks, max_blanks, num_aug, see
     return out
 
 
+def builtin_dataset(directory, num_train, num_test, min_blanks, max_blanks, num_aug, seed=0):
+    """The path of the built-in dataset these settings describe, under `directory`, built
+    (`build_builtin`) on first use: aside, then renamed, so never seen half-written."""
+    name = f"builtin-{num_train}-{num_test}-{min_blanks}-{max_blanks}-{num_aug}-s{seed}"
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+        t0 = time.time()
+        tmp = f"{path}.tmp{os.getpid()}"
+        build_builtin(tmp, num_train, num_test, min_blanks, max_blanks, num_aug, seed)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process on this host finished first
+            shutil.rmtree(tmp)
+        print(
+            f"built-in data: {num_train} x {num_aug + 1} train / {num_test} test puzzles with "
+            f"{min_blanks}..{max_blanks} blanks -> {path} ({time.time() - t0:.0f} s)",
+            flush=True,
+        )
+    return path
+
+
 def download_csvs(out_dir, repo="sapientinc/sudoku-extreme"):
     """Fetch train.csv and test.csv of Sudoku-Extreme from the Hugging Face hub."""
     try:
@@ -442,6 +465,30 @@ def train_sampler(ds, batch_size, seed, rows=slice(None)):
         return _collate(ds, np.array(examples), np.array(puzzles), batch_size, rows), cursor
 
     return sample
+
+
+def process_rows(sharding, batch_size):
+    """Rows of a global batch that this process's devices hold (a slice)."""
+    index_map = sharding.addressable_devices_indices_map((batch_size,))
+    spans = sorted(idx[0].indices(batch_size)[:2] for idx in index_map.values())
+    if any(a[1] != b[0] for a, b in zip(spans, spans[1:], strict=False)):
+        raise ValueError(f"This process's devices hold rows {spans}: not one contiguous block")
+    return slice(spans[0][0], spans[-1][1])
+
+
+def to_global(sharding, local_batch):
+    """This process's rows of a batch -> one array over all devices."""
+    import jax  # noqa: PLC0415 (building datasets needs no jax)
+
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+
+def eval_batch_size(requested, num_devices):
+    """Puzzles per evaluation batch: the requested number rounded up to a multiple of the
+    device count, so that any batch size runs on any number of devices. The extra rows hold
+    more test examples; the last batch is padded with rows that count nowhere
+    (eval_batches)."""
+    return -(-requested // num_devices) * num_devices
 
 
 def eval_batches(ds, batch_size, max_examples=None, rows=slice(None)):

@@ -139,6 +139,29 @@ def fits_vmem(L, D, Ft, F, dtype) -> bool:
     return vmem_bytes(bs, 1, L, D, Ft, F, dtype) <= vmem_capacity()
 
 
+def choose(requested, platform, *, mlp_t, dtype, interpret=False, fits=True) -> str:
+    """--kernel's choice for the MLP-mixer block on `platform` (the one compiled for): "auto"
+    takes the fused kernel on TPU for the MLP-mixer in a KERNEL_DTYPES `dtype` (a name) that
+    `fits` VMEM (fits_vmem), the XLA path elsewhere (CPU, GPU, attention, float16, a block
+    too wide); an explicit "pallas" that cannot run is a ValueError saying why."""
+    fusable = dtype in KERNEL_DTYPES
+    if requested == "auto":
+        return "pallas" if platform == "tpu" and mlp_t and fusable and fits else "xla"
+    if requested == "pallas" and not mlp_t:
+        raise ValueError("--kernel=pallas fuses the MLP-mixer block: it needs --mlp_t")
+    if requested == "pallas" and not fusable:
+        raise ValueError(
+            f"--kernel=pallas takes --forward_dtype={' or '.join(KERNEL_DTYPES)}, not {dtype} "
+            "(Mosaic does not compile it): use --kernel=xla"
+        )
+    if requested == "pallas" and platform != "tpu" and not interpret:
+        raise ValueError(
+            f"--kernel=pallas is a TPU (Mosaic) kernel and this is {platform}: use --kernel=xla,"
+            " or add --interpret to run it in the Pallas interpreter (slow; for tests)"
+        )
+    return requested
+
+
 def default_block_sizes(B, L, D, Ft, F, dtype, injection=True) -> BlockSizes:
     """The largest block_b (a divisor of B, at most 8) whose VMEM estimate fits the budget."""
     block_d, block_f = _tiles(D, F)

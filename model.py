@@ -548,3 +548,129 @@ def predict(params, cfg: Config, inputs, puzzle_identifiers=None, n_sup=None):
 
     carry, out = jax.lax.fori_loop(1, cfg.N_sup, step, (carry, out))
     return out["logits"], out["q_halt"]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class TestTimeCompute:
+    """How an evaluation spends extra compute: the supervision steps after which it reports
+    exact accuracy, and K trajectories per puzzle (the largest of `trajectories` run;
+    selections are reported for the first k of them for each k), trajectory 0 unperturbed
+    and the others with Gaussian noise of std `noise` added to `noise_state` before each
+    supervision step (PTRM, arXiv:2605.19943). The noise of a trajectory depends on (seed,
+    test example, trajectory, step) only, so results do not depend on the batch or the
+    number of devices."""
+
+    n_sup: int | None = None  # supervision steps the evaluation runs; None: the trained N_sup
+    steps: tuple = ()  # () = report nothing beyond the usual metrics
+    trajectories: tuple = (1,)
+    noise: float = 0.0
+    noise_state: str = "z"
+    seed: int = 0
+
+
+def eval_sums(params, cfg: Config, carry, batch, ttc=None):
+    """N_sup evaluation steps on a batch of b puzzles, run as K trajectories each (the carry
+    has K * b rows, trajectory-major; trajectory 0 unperturbed). Returns sums over the
+    puzzles with labels (not padding rows): the final step's metrics of trajectory 0, where
+    its Q head would halt (the first step it says halt, else N_sup) and whether it is exact
+    there, and after each step the exact hits of trajectory 0 and of the answers the first
+    k trajectories select for each k in ttc.trajectories (`select_trajectories`)."""
+    ttc = ttc or TestTimeCompute()
+    b, K = batch["inputs"].shape[0], max(ttc.trajectories)
+    has_labels = (batch["labels"] != IGNORE_LABEL).any(-1)  # not a padding row
+    rows = jax.tree.map(lambda x: jnp.concatenate([x] * K), batch)
+    first = (jnp.arange(K * b) < b) & jnp.concatenate([has_labels] * K)  # no padding
+    perturb = trajectory_noise(cfg, ttc, rows["index"], b) if K > 1 and ttc.noise else None
+
+    def one_step(c, _):
+        carry, halt_at, exact_at = c
+        _, (carry, metrics, out) = loss_fn(
+            params, cfg, carry, rows, train=False, global_batch_size=1, counted=first,
+            perturb=perturb,
+        )  # fmt: skip
+        wants = out["q_halt"] > (0 if cfg.no_ACT_continue else out["q_continue"])
+        now = (halt_at == 0) & (wants[:b] | (carry["steps"][:b] >= cfg.N_sup))
+        halt_at = jnp.where(now, carry["steps"][:b], halt_at)
+        exact_at = jnp.where(now, out["seq_correct"][:b], exact_at)
+        chosen = select_trajectories(out, rows["labels"][:b], K, ttc.trajectories)
+        hits = {k: jnp.sum(v & has_labels, -1) for k, v in chosen.items()}
+        return (carry, halt_at, exact_at), (metrics, hits)
+
+    start = (carry, jnp.zeros_like(carry["steps"][:b]), jnp.zeros_like(carry["halted"][:b]))
+    (_, halt_at, exact_at), (metrics, hits) = jax.lax.scan(one_step, start, length=cfg.N_sup)
+    adaptive = {
+        "halted_exact_accuracy": jnp.sum(exact_at & has_labels),
+        "halted_steps": jnp.sum(jnp.where(has_labels, halt_at, 0)),
+    }
+    return jax.tree.map(lambda m: m[-1], metrics) | adaptive | hits
+
+
+def eval_metrics(sums, cfg: Config = None, ttc: TestTimeCompute = None):
+    """Test metrics from eval_sums' sums over the test set: means over the test examples of
+    the final step's metrics, exact accuracy after each step, and for each of ttc.steps and
+    trajectory count k (with cfg) the accuracies of the selected answers and the forward
+    FLOPs they cost per puzzle."""
+    sums = dict(sums)
+    count = max(int(sums.pop("count")), 1)
+    per_step = {k: sums.pop(k) for k in list(sums) if "@" in k}  # (N_sup,) hits each
+    out = {k: float(v) / count for k, v in sums.items()} | {"count": count}
+    for i, hits in enumerate(per_step["exact@1"]):
+        out[f"exact_accuracy_step{i + 1}"] = float(hits) / count
+    for S in ttc.steps if ttc else ():
+        flops = flops_per_example(dataclasses.replace(cfg, N_sup=S), train_step=False)
+        for name, hits in per_step.items():
+            how, k = name.split("@")
+            out[f"{how}_accuracy@steps={S},K={k}"] = float(hits[S - 1]) / count
+            out[f"flops_per_puzzle@steps={S},K={k}"] = int(k) * flops
+    return out
+
+
+def trajectory_noise(cfg: Config, ttc: TestTimeCompute, index, b):
+    """act_step's `perturb` for K * b trajectory-major rows of test examples `index` (-1:
+    padding): trajectory 0 unchanged."""
+    index = jnp.maximum(index, 0)
+    trajectory = jnp.arange(index.shape[0]) // b
+    scale = jnp.where(trajectory > 0, ttc.noise, 0.0)[:, None, None]
+    key = jax.random.key(ttc.seed)
+
+    def noise(index, trajectory, step):  # (2, L, D): for y and for z
+        k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, index), trajectory), step)
+        return jax.random.normal(k, (2, cfg.L, cfg.D))
+
+    def perturb(y, z, steps):
+        n = jax.vmap(noise)(index, trajectory, steps)
+        if ttc.noise_state in ("y", "both"):
+            y = (y + scale * n[:, 0]).astype(y.dtype)
+        if ttc.noise_state in ("z", "both"):
+            z = (z + scale * n[:, 1]).astype(z.dtype)
+        return y, z
+
+    return perturb
+
+
+def select_trajectories(out, labels_BxS, K, ks):
+    """Per puzzle (b of them, K trajectories each), whether the answer chosen among its
+    first k trajectories is right, for each k in ks: `exact@k` the highest q_halt's (the
+    model's own choice), `oracle@k` any of them, `vote@k` the answer most of them give
+    (ties to the higher q_halt); `exact@1` is trajectory 0's. Answers compare on the
+    labelled cells."""
+    b = labels_BxS.shape[0]
+    right = out["seq_correct"].reshape(K, b)
+    q = out["q_halt"].reshape(K, b)
+    answer = jnp.argmax(out["logits"], -1).reshape(K, b, -1)
+    mask = labels_BxS != IGNORE_LABEL
+    same = ((answer[:, None] == answer[None]) | ~mask[None, None]).all(-1)  # (K, K, b)
+
+    def pick(score):  # whether the answer of the best-scored trajectory is right
+        return jnp.take_along_axis(right, jnp.argmax(score, 0)[None], 0)[0]
+
+    chosen = {}
+    for k in sorted({1, *ks}):
+        chosen[f"exact@{k}"] = pick(q[:k])
+        if k > 1:
+            chosen[f"oracle@{k}"] = right[:k].any(0)
+            chosen[f"vote@{k}"] = pick(same[:k, :k].sum(1) + 0.5 * jax.nn.sigmoid(q[:k]))
+    return chosen

@@ -132,9 +132,9 @@ def run_steps(cfg, num_devices, batches, grad_accum_steps=1):
     )
     B = batches[0]["inputs"].shape[0]
     with flagsaver.flagsaver(lr=1e-2, lr_warmup_steps=0, puzzle_emb_lr=1e-2):
-        tx, _ = train.optimizer(total_steps=100)
+        tx, _ = train.optimizer(train.options(), total_steps=100)
     state = train.init_state(cfg, tx, batches[0], mesh, seed=0, use_ema=True)
-    train_step, _ = train.make_steps(
+    train_step = train.make_train_step(
         cfg, mesh, tx, B, ema_rate=0.9, grad_accum_steps=grad_accum_steps
     )
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))

@@ -67,13 +67,13 @@ def train_state(cfg, devices=4):
         axis_types=(jax.sharding.AxisType.Auto,),
         devices=jax.devices()[:devices],
     )
-    tx, _ = train.optimizer(total_steps=100)
+    tx, _ = train.optimizer(train.options(), total_steps=100)
     batch = jax.device_put(
         batch_of(jax.random.key(0), B=8),
         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
     )
     state = train.init_state(cfg, tx, batch, mesh, seed=0, use_ema=True)
-    train_step, _ = train.make_steps(cfg, mesh, tx, 8, ema_rate=0.9)
+    train_step = train.make_train_step(cfg, mesh, tx, 8, ema_rate=0.9)
     state, _ = train_step(state, batch)  # non-trivial optimiser state, EMA and carry
     return state
 

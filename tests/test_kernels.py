@@ -109,10 +109,10 @@ def test_float16_goes_to_the_xla_path():
     x, w, _ = block_inputs(2, 13, 32, jnp.float16)
     with pytest.raises(ValueError, match="takes float32 or bfloat16, not float16"):
         kernels.mixer_step(x, w, interpret=True)
-    with flagsaver.flagsaver(forward_dtype="float16"):
-        assert train.kernel_choice("tpu") == "xla"
-    with flagsaver.flagsaver(forward_dtype="bfloat16"):
-        assert train.kernel_choice("tpu") == "pallas"
+    assert kernels.choose("auto", "tpu", mlp_t=True, dtype="float16") == "xla"
+    assert kernels.choose("auto", "tpu", mlp_t=True, dtype="bfloat16") == "pallas"
+    with pytest.raises(ValueError, match="use --kernel=xla"):
+        kernels.choose("pallas", "tpu", mlp_t=True, dtype="float16")
 
 
 def test_auto_takes_the_xla_path_for_a_block_too_wide_for_vmem():
@@ -123,10 +123,10 @@ def test_auto_takes_the_xla_path_for_a_block_too_wide_for_vmem():
     kinds = {}
     for D in (512, 768, 1024, 1280):
         with flagsaver.flagsaver(hidden_size=D, forward_dtype="bfloat16", kernel="auto"):
-            kinds[D] = train.model_config(meta, "tpu").kernel
+            kinds[D] = train.model_config(train.options(), meta, "tpu").kernel
     assert kinds == {512: "pallas", 768: "pallas", 1024: "xla", 1280: "xla"}
     with flagsaver.flagsaver(hidden_size=1024, forward_dtype="bfloat16", kernel="pallas"):
-        assert train.model_config(meta, "tpu").kernel == "pallas"
+        assert train.model_config(train.options(), meta, "tpu").kernel == "pallas"
 
 
 def test_default_block_sizes_fit_in_vmem():

@@ -13,7 +13,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from absl import flags
 from absl.testing import flagsaver
@@ -38,7 +37,7 @@ def run(cmd, env=None):
 
 def config_with(**flag_values):
     with flagsaver.flagsaver(**flag_values):
-        return train.model_config(META)
+        return train.model_config(train.options(), META)
 
 
 def changed_fields(a, b):
@@ -99,7 +98,7 @@ def test_report_reads_a_runs_config_as_train_py_made_it(tmp_path, flag_values):
     import report  # noqa: PLC0415
 
     with flagsaver.flagsaver(**flag_values, kernel="xla"):
-        cfg, text = train.model_config(META), flags.FLAGS.flags_into_string()
+        cfg, text = train.model_config(train.options(), META), flags.FLAGS.flags_into_string()
     run = {"dir": str(tmp_path), "flags": report.parse_flags(text)}
     assert report.config_of(run) == cfg
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
@@ -176,11 +175,13 @@ def test_halt_step_penalty_lowers_the_continue_target_by_lambda():
 
 def test_exploration_is_annealed_from_start_to_final():
     with flagsaver.flagsaver(halt_exploration_prob=0.3, halt_exploration_final=0.05):
-        schedule = train.exploration_schedule(total_steps=100)
+        schedule = train.exploration_schedule(train.options(), total_steps=100)
     assert_close([schedule(s) for s in (0, 50, 100, 400)], [0.3, 0.175, 0.05, 0.05], 1e-6)
     with flagsaver.flagsaver(halt_exploration_final=0.0, halt_exploration_anneal_steps=10):
-        assert float(train.exploration_schedule(100)(10)) == 0.0
-    assert train.exploration_schedule(100) is None  # off by default: the config's constant
+        assert float(train.exploration_schedule(train.options(), 100)(10)) == 0.0
+    assert (
+        train.exploration_schedule(train.options(), 100) is None
+    )  # off by default: the config's constant
     cfg, key = tiny(N_sup=8, halt_exploration_prob=0.5), jax.random.key(3)
     assert (model.exploration_min_steps(key, cfg, 256, prob=0.0) == 0).all()
     forced = model.exploration_min_steps(key, cfg, 256, prob=1.0)
@@ -195,11 +196,11 @@ def test_curriculum_is_a_staircase_from_start_to_final():
         curriculum_start_L_cycles=2,
         curriculum_stages=4,
     ):
-        stages = [train.curriculum(cfg, s) for s in range(200)]
+        stages = [train.curriculum(train.options(), cfg, s) for s in range(200)]
     assert stages[0] == (1, 2) and stages[89] != (3, 6) and stages[90:] == [(3, 6)] * 110
     assert len(set(stages)) == 4  # one compile per stage, not per step
     assert all(a <= b for a, b in zip(stages, stages[1:], strict=False))  # T and n only grow
-    assert train.curriculum(cfg, 0) == (3, 6)  # no curriculum: the config's T, n
+    assert train.curriculum(train.options(), cfg, 0) == (3, 6)  # no curriculum: the config's T, n
 
 
 def test_train_py_compiles_the_step_once_per_curriculum_stage(tmp_path):
@@ -236,12 +237,12 @@ def test_schedule_flags_reject_bad_values():
         ({"average_checkpoints": 0}, "average_checkpoints=0"),
     ]:
         with flagsaver.flagsaver(**flag_values), pytest.raises(SystemExit, match=message):
-            train.check_schedules(tiny(T=3, n=6))
+            train.check_schedules(train.options(), tiny(T=3, n=6))
 
 
 def test_lion_moves_every_weight_by_the_learning_rate():
     with flagsaver.flagsaver(optimizer="lion", lr=1e-3, lr_warmup_steps=0, weight_decay=0.0):
-        tx, _ = train.optimizer(total_steps=10)
+        tx, _ = train.optimizer(train.options(), total_steps=10)
     params = {"w": jnp.array([1.0, -2.0, 3.0]), "puzzle_emb": jnp.zeros((1, 4))}
     grads = {"w": jnp.array([0.5, -1e-6, 0.0]), "puzzle_emb": jnp.zeros((1, 4))}
     updates, _ = tx.update(grads, tx.init(params), params, rows=jnp.array([True]))
@@ -261,9 +262,9 @@ def test_train_step_keeps_the_running_mean_from_swa_start():
     cfg = tiny()
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     batches = [batch_of(jax.random.key(i), B=4) for i in range(4)]
-    tx, _ = train.optimizer(total_steps=100)
+    tx, _ = train.optimizer(train.options(), total_steps=100)
     state = train.init_state(cfg, tx, batches[0], mesh, seed=0, use_ema=True, use_swa=True)
-    train_step, _ = train.make_steps(cfg, mesh, tx, 4, ema_rate=0.9, swa_start=2)
+    train_step = train.make_train_step(cfg, mesh, tx, 4, ema_rate=0.9, swa_start=2)
     seen = []
     for batch in batches:
         state, _ = train_step(state, batch)
@@ -277,10 +278,10 @@ def test_eval_reports_where_the_q_head_would_halt():
     cfg = tiny(N_sup=4)
     mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    tx, _ = train.optimizer(total_steps=100)
+    tx, _ = train.optimizer(train.options(), total_steps=100)
     batch = jax.device_put(batch_of(jax.random.key(0), B=8), sharding)
     batch["labels"] = batch["labels"].at[-1].set(model.IGNORE_LABEL)  # a padding row
-    _, eval_step = train.make_steps(cfg, mesh, tx, 8)
+    eval_step = train.make_eval_step(cfg, mesh)
     params = model.init_params(jax.random.key(1), cfg)
     for bias, steps in ((10.0, 1), (-10.0, 4)):
         params["q_head"]["b"] = jnp.array([bias, 0.0])
@@ -561,7 +562,7 @@ def test_trajectory_selection_by_q_halt_any_and_vote():
         "q_halt": jnp.asarray(q.reshape(-1)),
         "seq_correct": jnp.asarray((answers == right_answer[None]).all(-1).reshape(-1)),
     }
-    chosen = jax.device_get(train.select_trajectories(out, jnp.asarray(right_answer), K, (2, 4)))
+    chosen = jax.device_get(model.select_trajectories(out, jnp.asarray(right_answer), K, (2, 4)))
     expected = {
         "exact@1": [True, False, True],  # trajectory 0 alone
         "exact@2": [False, False, False],  # the higher q of the first two: 1, 0, 1
@@ -587,16 +588,16 @@ def test_test_time_compute_is_the_same_on_1_and_8_devices(tmp_path):
     # Labels = the unperturbed model's own answers after 4 steps: trajectory 0 is right.
     logits, _ = model.predict(params, cfg, test_ds["inputs"], test_ds["puzzle_identifiers"])
     test_ds = test_ds | {"labels": np.asarray(jnp.argmax(logits, -1), np.int32)}
-    ttc = train.TestTimeCompute(steps=(2, 4), trajectories=(1, 4), noise=1.0, seed=3)
+    ttc = model.TestTimeCompute(steps=(2, 4), trajectories=(1, 4), noise=1.0, seed=3)
     results = {}
     for n in (1, 8):
         mesh = jax.make_mesh(
             (n,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n]
         )
         sharding = jax.sharding.NamedSharding(mesh, P("data"))
-        B = train.eval_batch_size(5, n)
-        _, eval_step = train.make_steps(cfg, mesh, optax.sgd(0.0), B, ttc=ttc)
-        batches = data.eval_batches(test_ds, B, None, train.process_rows(sharding, B))
+        B = data.eval_batch_size(5, n)
+        eval_step = train.make_eval_step(cfg, mesh, ttc)
+        batches = data.eval_batches(test_ds, B, None, data.process_rows(sharding, B))
         put = functools.partial(jax.device_put, device=sharding)
         results[n] = train.evaluate(eval_step, params, batches, put, cfg, ttc)
     one = results[1]

@@ -50,7 +50,7 @@ def test_bench_json_reports_every_figure():
     assert all(result[k] > 0 for k in keys), result
     assert result["global_batch_size"] == 4 and result["config"]["D"] == "16"
     with flagsaver.flagsaver(**SMALL_MODEL):
-        cfg = train.model_config(bench.SUDOKU_META)
+        cfg = train.model_config(train.options(), bench.SUDOKU_META)
     assert result["config"] == {k: str(v) for k, v in vars(cfg).items()}  # the model bench ran
     flops = matmul_flops(train_step_jaxpr(cfg))
     assert 0.99 < result["model_flops_per_example"] / flops <= 1.0, (result, flops)

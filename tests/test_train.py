@@ -35,7 +35,7 @@ from helpers import (
 
 def test_adam_atan2_matches_a_numpy_transcription():
     lr, b1, b2, wd = 1e-2, 0.9, 0.95, 0.5
-    tx = train.adam_atan2(lambda t: lr * t / 3, b1, b2, wd)  # a schedule: lr depends on t
+    tx = ema.adam_atan2(lambda t: lr * t / 3, b1, b2, wd)  # a schedule: lr depends on t
     rng = np.random.default_rng(0)
     p = rng.normal(size=(5, 3)).astype(np.float32)
     params, state = jnp.asarray(p), tx.init(jnp.asarray(p))
@@ -54,7 +54,7 @@ def test_adam_atan2_matches_a_numpy_transcription():
 
 
 def test_sign_sgd_moves_only_the_rows_in_the_batch():
-    tx = train.sign_sgd_rows(lambda t: 0.1, weight_decay=2.0)
+    tx = ema.sign_sgd_rows(lambda t: 0.1, weight_decay=2.0)
     table = jnp.array([[1.0, -1.0], [2.0, 2.0], [3.0, 0.0]])
     grads = jnp.array([[0.5, -0.2], [0.0, 0.0], [0.0, 3.0]])
     updates, _ = tx.update(grads, tx.init(table), table, rows=jnp.array([True, True, False]))
@@ -64,8 +64,8 @@ def test_sign_sgd_moves_only_the_rows_in_the_batch():
 
 
 def test_lr_schedule_warmup_then_constant_or_cosine():
-    constant = train.lr_schedule(1e-4, warmup_steps=10, total_steps=110, min_ratio=1.0)
-    cosine = train.lr_schedule(1e-4, warmup_steps=10, total_steps=110, min_ratio=0.1)
+    constant = ema.lr_schedule(1e-4, warmup_steps=10, total_steps=110, min_ratio=1.0)
+    cosine = ema.lr_schedule(1e-4, warmup_steps=10, total_steps=110, min_ratio=0.1)
     assert_close(
         [constant(s) for s in (0, 1, 5, 10, 60, 110)], [0, 1e-5, 5e-5, 1e-4, 1e-4, 1e-4], 0, 1e-6
     )
@@ -111,9 +111,9 @@ def test_gradient_accumulation_equals_one_batch():
     assert_same_training(run_steps(cfg, 2, batches, grad_accum_steps=4), run_steps(cfg, 2, batches))
 
     mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    tx, _ = train.optimizer(total_steps=100)
+    tx, _ = train.optimizer(train.options(), total_steps=100)
     state = train.init_state(cfg, tx, batches[0], mesh, seed=0, use_ema=True)
-    step, _ = train.make_steps(cfg, mesh, tx, 16, ema_rate=0.9, grad_accum_steps=4)
+    step = train.make_train_step(cfg, mesh, tx, 16, ema_rate=0.9, grad_accum_steps=4)
     ops, _ = bench.collectives(step.lower(state, batches[0]).compile().as_text())
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(state["params"]))
     assert param_bytes <= ops["all-reduce"][1] <= 1.1 * param_bytes + 4096, (ops, param_bytes)
@@ -132,10 +132,10 @@ def test_evaluation_on_any_device_count_counts_every_example_once(tmp_path):
             (n,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n]
         )
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-        B = train.eval_batch_size(10, n)
+        B = data.eval_batch_size(10, n)
         assert B % n == 0 and 10 <= B < 10 + n
-        _, eval_step = train.make_steps(cfg, mesh, optax.sgd(0.0), B)
-        batches = data.eval_batches(test_ds, B, None, train.process_rows(sharding, B))
+        eval_step = train.make_eval_step(cfg, mesh)
+        batches = data.eval_batches(test_ds, B, None, data.process_rows(sharding, B))
         results[n] = train.evaluate(
             eval_step, params, batches, functools.partial(jax.device_put, device=sharding)
         )
@@ -235,7 +235,7 @@ def test_user_mistakes_are_reported_without_a_traceback(tmp_path, args, message)
 def test_lr_scaling_rules(rule, factor):
     """Batch 1536 against the base 768: lr and puzzle_emb_lr both scale by the rule."""
     with flagsaver.flagsaver(global_batch_size=1536, lr_scaling=rule, lr_warmup_steps=10):
-        tx, lr = train.optimizer(total_steps=100)
+        tx, lr = train.optimizer(train.options(), total_steps=100)
     assert_close(lr(10), 1e-4 * factor, 0, 1e-6)
     table = {"puzzle_emb": jnp.ones((1, 4))}
     updates, _ = tx.update(table, tx.init(table), table, rows=jnp.ones(1, bool))
@@ -265,9 +265,10 @@ def compile_counts(compiles):
     mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     batches = [jax.device_put(batch_of(jax.random.key(i), B=8), sharding) for i in range(5)]
-    tx, _ = train.optimizer(total_steps=100)
+    tx, _ = train.optimizer(train.options(), total_steps=100)
     state = train.init_state(cfg, tx, batches[0], mesh, seed=0, use_ema=True)
-    train_step, eval_step = train.make_steps(cfg, mesh, tx, 8, ema_rate=0.9)
+    train_step = train.make_train_step(cfg, mesh, tx, 8, ema_rate=0.9)
+    eval_step = train.make_eval_step(cfg, mesh)
     counts = []
     for batch in batches:
         state, metrics = train_step(state, batch)
