@@ -1,5 +1,7 @@
-"""Checkpoints of the whole train state, local or gs://, import of PyTorch TRM weights, and
-a run directory's records (flags, config, metrics, TensorBoard events, environment).
+"""Checkpoints of the whole train state, local or gs://, import of PyTorch TRM weights, a run
+directory's records (flags, config, metrics, TensorBoard events, environment), and the faults
+a run comes back from: a failed save (the previous checkpoint stays), a lost process of a
+multi-host run (`PeerWatch`: the others exit restartable, EXIT_RESTARTABLE).
 
 Every file goes through tensorstore: `kvstore(path)` opens a local directory or a
 gs://bucket/prefix, and each leaf of the train state is one zarr v3 array (dtype as trained,
@@ -31,6 +33,7 @@ is an error that names the keys. `load_torch(path, cfg)` reads such a file with 
 
 import atexit
 import concurrent.futures
+import contextlib
 import hashlib
 import importlib.metadata
 import itertools
@@ -39,8 +42,11 @@ import math
 import os
 import platform
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 
 import jax
@@ -80,6 +86,8 @@ def read_text(store, key: str) -> str:
 
 def checkpointer(directory: str, keep: int = 3, keep_best: bool = False):
     """save(step, state, extra, score=None) and wait() for checkpoints under `directory`.
+    A failed save is reported by the next save or wait() (which returns False); the next
+    save tries again.
 
     `state` is a pytree of jax arrays (typed PRNG keys allowed); `extra` a JSON-able dict of
     host-side values (data cursor, flags) returned by `restore`. `score` (higher is better)
@@ -88,8 +96,21 @@ def checkpointer(directory: str, keep: int = 3, keep_best: bool = False):
     base, executor, pending = _url(directory), concurrent.futures.ThreadPoolExecutor(1), []
 
     def wait():
+        """Finish the save in flight. A save that failed (a full disk, a lost bucket) leaves
+        the previous checkpoint as it was: one line on stderr, and False."""
+        ok = True
         while pending:
-            pending.pop().result()
+            step, future = pending.pop()
+            try:
+                future.result()
+            except Exception as e:  # noqa: BLE001 (any write error: the run goes on)
+                ok = False
+                print(
+                    f"ckpt: checkpoint step_{step:08d} in {directory} was not saved "
+                    f"({type(e).__name__}: {e}); the newest before it is intact",
+                    file=sys.stderr, flush=True,
+                )  # fmt: skip
+        return ok
 
     def save(step, state, extra, score=None):
         wait()  # at most one save in flight
@@ -99,7 +120,7 @@ def checkpointer(directory: str, keep: int = 3, keep_best: bool = False):
             for name, x in leaves.items()
         }  # host copies now: the next step donates x
         meta = {"step": int(step), "extra": extra, "score": score}
-        pending.append(executor.submit(_write, base, plan, meta, keep, keep_best))
+        pending.append((step, executor.submit(_write, base, plan, meta, keep, keep_best)))
 
     return save, wait
 
@@ -107,6 +128,34 @@ def checkpointer(directory: str, keep: int = 3, keep_best: bool = False):
 def _write(base, plan, meta, keep, keep_best):
     folder = f"{base}{STEP_PREFIX}{meta['step']:08d}/"
     store, pid, hashes = ts.KvStore.open(folder, context=CONTEXT).result(), jax.process_index(), {}
+    try:
+        _write_regions(folder, plan, hashes)
+    except Exception:
+        with contextlib.suppress(Exception):  # process 0 stops waiting for this one
+            store.write(f"failed.{pid}", b"").result()
+        raise
+    store.write(f"done.{pid}", json.dumps(hashes).encode()).result()
+    if pid:
+        return
+    deadline = time.time() + DONE_TIMEOUT_S
+    for other in range(1, jax.process_count()):
+        while (found := store.read(f"done.{other}").result()).state != "value":
+            if store.read(f"failed.{other}").result().state == "value":
+                raise OSError(f"process {other} could not write its part of {folder}")
+            if time.time() > deadline:
+                raise TimeoutError(f"process {other} did not finish its part of {folder}")
+            time.sleep(0.2)
+        hashes |= json.loads(found.value)
+    leaves = {
+        name: {"shape": list(shape), "dtype": dtype} for name, (shape, dtype, *_) in plan.items()
+    }
+    commit = meta | {"leaves": leaves, "sha256": hashes}
+    store.write(COMMIT, json.dumps(commit, indent=1).encode()).result()
+    _prune(base, keep, keep_best)
+
+
+def _write_regions(folder, plan, hashes):
+    """Write this process's regions of every leaf; their sha256 into `hashes`."""
     for name, (shape, dtype, chunks, regions) in plan.items():
         array = ts.open(
             _array_spec(folder, name),
@@ -120,22 +169,6 @@ def _write(base, plan, meta, keep, keep_best):
         for index, data in regions:
             array[index].write(data).result()
             hashes[name + _index_str(index, shape)] = _sha(data)
-    store.write(f"done.{pid}", json.dumps(hashes).encode()).result()
-    if pid:
-        return
-    deadline = time.time() + DONE_TIMEOUT_S
-    for other in range(1, jax.process_count()):
-        while (found := store.read(f"done.{other}").result()).state != "value":
-            if time.time() > deadline:
-                raise TimeoutError(f"process {other} did not finish its part of {folder}")
-            time.sleep(0.2)
-        hashes |= json.loads(found.value)
-    leaves = {
-        name: {"shape": list(shape), "dtype": dtype} for name, (shape, dtype, *_) in plan.items()
-    }
-    commit = meta | {"leaves": leaves, "sha256": hashes}
-    store.write(COMMIT, json.dumps(commit, indent=1).encode()).result()
-    _prune(base, keep, keep_best)
 
 
 def _prune(base, keep, keep_best):
@@ -222,9 +255,7 @@ def load_weights(path, cfg: model.Config, state, prefer_ema=True):
         where = f"{path.rstrip('/')}/ckpt"
         found = latest(where)
     if not found:
-        raise ValueError(
-            "neither a PyTorch checkpoint file nor a folder with a complete checkpoint"
-        )
+        raise ValueError("not a trmx checkpoint folder (none complete in it) nor a file")
     step, commit = found
     target = {"params": state["params"], "buffers": state["buffers"]}
     kept_ema = any(name.startswith("ema/") for name in commit["leaves"])
@@ -364,6 +395,121 @@ def read_lines(path):
         return []
 
 
+def check_writable(path):
+    """Raise ValueError saying why when `path` (local or gs://) cannot be created and written."""
+    try:
+        if "://" not in path:
+            os.makedirs(path, exist_ok=True)
+        store = kvstore(path)
+        store.write(".trmx-write-check", b"").result()
+        store.delete_range(ts.KvStore.KeyRange(".trmx-write-check", ".trmx-write-check\0")).result()
+    except OSError as e:
+        raise ValueError(f"cannot create {path}: {e.strerror or e}") from e
+    except ValueError as e:  # tensorstore's errors
+        raise ValueError(f"cannot write to {path}: {str(e).splitlines()[0]}") from e
+
+
+# ----------------------------------------------------------------------------- lost processes
+
+EXIT_RESTARTABLE = 75  # the run stopped for a fault it recovers from: rerunning it resumes
+
+
+class PeerWatch:
+    """Ends this process within `timeout` seconds of another process of the run being gone
+    (killed, its host down): one line naming it, the step and the checkpoint the run resumes
+    from, exit code EXIT_RESTARTABLE; no traceback, no wait in jax.distributed's shutdown
+    barrier. Without it a survivor waits in a collective or dies with a C++ stack dump when
+    jax.distributed's heartbeat gives up.
+
+    A side channel beside jax.distributed's: every process keeps a TCP connection to process
+    0 (at `host`) and sends a byte a second on it; a connection that closes or stays silent
+    for `timeout` seconds is a lost peer. Process 0 tells the others which one before it exits.
+    `close()` says goodbye when the process finishes, so that the others stop watching it."""
+
+    def __init__(self, host, timeout, ckpt_dir):
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        self.timeout, self.ckpt_dir, self.step, self.done = timeout, ckpt_dir, 0, False
+        self.lock, self.conns, me = threading.Lock(), {}, jax.process_index()
+        server = socket.create_server(("", 0)) if me == 0 else None
+        port = multihost_utils.broadcast_one_to_all(
+            np.int32(server.getsockname()[1] if server else 0)
+        )
+        try:
+            if server:
+                server.settimeout(timeout)
+                for _ in range(jax.process_count() - 1):
+                    conn, _ = server.accept()
+                    conn.settimeout(timeout)
+                    self.conns[int.from_bytes(conn.recv(4), "big")] = conn
+            else:
+                self.conns[0] = socket.create_connection((host, int(port)), timeout=timeout)
+                self.conns[0].sendall(me.to_bytes(4, "big"))
+        except OSError:
+            self.lost("a peer (it did not connect)")
+        for peer, conn in self.conns.items():
+            threading.Thread(target=self._listen, args=(peer, conn), daemon=True).start()
+        threading.Thread(target=self._beat, daemon=True).start()
+
+    def _beat(self):
+        while not self.done:
+            for conn in list(self.conns.values()):
+                with contextlib.suppress(OSError):
+                    conn.sendall(b".")
+            time.sleep(1)
+
+    def _listen(self, peer, conn):
+        while not self.done:
+            try:
+                got = conn.recv(256)
+            except OSError:  # silent for `timeout` seconds, or reset
+                got = b""
+            if b"!" in got:  # process 0 lost another one
+                self.lost(got.split(b"!")[1].split(b"\n")[0].decode())
+            elif b"x" in got:  # goodbye: it finished
+                return
+            elif not got:
+                self.lost(f"process {peer}")
+
+    def lost(self, who):
+        """End this process: `who` is gone."""
+        with self.lock:
+            if self.done:
+                return
+            for conn in self.conns.values():
+                with contextlib.suppress(OSError):
+                    conn.sendall(f"!{who}\n".encode())
+            found = []  # the newest intact checkpoint, if it can be told in a few seconds
+            if self.ckpt_dir:
+                t = threading.Thread(
+                    target=lambda: found.append(latest(self.ckpt_dir)), daemon=True
+                )
+                t.start()
+                t.join(min(10, self.timeout / 2))
+            if found and found[0]:
+                where = f"resumes from {self.ckpt_dir}/{STEP_PREFIX}{found[0][0]:08d}"
+            elif self.ckpt_dir:
+                where = f"resumes from the newest checkpoint in {self.ckpt_dir}, if any"
+            else:
+                where = "starts over (no --workdir)"
+            print(
+                f"train.py: lost {who} at step {self.step}; the run {where} when started "
+                f"again (exit {EXIT_RESTARTABLE}: restartable)",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+            sys.stdout.flush()
+            os._exit(EXIT_RESTARTABLE)
+
+    def close(self):
+        """This process finished: say goodbye, stop watching."""
+        with self.lock:
+            self.done = True
+            for conn in self.conns.values():
+                with contextlib.suppress(OSError):
+                    conn.sendall(b"x")
+                    conn.close()
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -455,6 +601,10 @@ def load_torch(path_or_state_dict, cfg: model.Config) -> dict:
     to its torch.save file, or its state dict); its training saves the EMA weights."""
     state = path_or_state_dict
     if not isinstance(state, dict):
+        with open(state, "rb") as f:
+            magic = f.read(4)
+        if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save: zip, or a pickle
+            raise ValueError("not a trmx checkpoint folder nor a PyTorch state dict file")
         try:
             import torch  # noqa: PLC0415 (optional: only to read PyTorch files)
         except ImportError as e:
@@ -462,7 +612,12 @@ def load_torch(path_or_state_dict, cfg: model.Config) -> dict:
                 "Reading a PyTorch checkpoint needs torch, which trmx does not require: "
                 "pip install torch --index-url https://download.pytorch.org/whl/cpu"
             ) from e
-        state = torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 (torch raises many kinds for a bad file)
+            raise ValueError(f"not a PyTorch state dict file ({type(e).__name__}: {e})") from e
+        if not isinstance(state, dict):
+            raise ValueError(f"a PyTorch file holding a {type(state).__name__}, not a state dict")
     to_numpy = lambda v: v.detach().float().numpy() if hasattr(v, "detach") else np.asarray(v)  # noqa: E731
     return params_from_reference({k: to_numpy(v) for k, v in state.items()}, cfg)
 

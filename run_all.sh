@@ -22,6 +22,10 @@
 # forces built-in data and 5 steps, and runs only the first point of each sweep).
 # A run directory with done.json (written by train.py at the end) is skipped; an interrupted
 # one resumes from its newest checkpoint: rerunning the same command finishes the roadmap.
+# A run that ends restartable (train.py's exit 75: a lost process, or a last checkpoint that
+# could not be written), killed by a signal, or stopped before its end without done.json
+# (SIGTERM: a preempted VM) is started again, up to --max_restarts times (default 3), with
+# one line per restart; a run that fails otherwise (a user error: exit 1) is not.
 #
 # On every worker of a Cloud TPU VM slice (one process per host, jax.distributed):
 #   ./run_all.sh --tpu=trmx-v4-32 --zone=us-central2-b --runs=gs://BUCKET/runs \
@@ -56,6 +60,7 @@ python=${PYTHON:-python}
 command -v "$python" >/dev/null || die "no interpreter $python (set PYTHON to one with the requirements)"
 
 dry_run=0 mode=paper aot="" tpu="" zone="" project="" runs="" data="" targets=() extra=()
+max_restarts=3
 while (($#)); do
   case "$1" in
     --dry_run) dry_run=1 ;;
@@ -67,6 +72,7 @@ while (($#)); do
     --project=*) project="${1#*=}" ;;
     --runs=*) runs="${1#*=}" ;;
     --data=*) data="${1#*=}" ;;
+    --max_restarts=*) max_restarts="${1#*=}" ;;
     --) shift; extra=("$@"); break ;;
     -*) die "unknown option $1 (see the header of $0)" ;;
     *) targets+=("$1") ;;
@@ -74,6 +80,7 @@ while (($#)); do
   shift
 done
 ((${#targets[@]})) || die "name a phase (phase1..phase4, all) or an experiment (configs/*.flags)"
+[[ "$max_restarts" =~ ^[0-9]+$ ]] || die "--max_restarts=$max_restarts: a count, >= 0"
 [[ -z "$aot" || ( $mode == paper && -z "$tpu" ) ]] || die "--aot compiles the paper runs here"
 [[ -z "$aot" || -n "$runs" ]] || runs="runs/aot-$aot"
 [[ -n "$runs" ]] || runs=$([[ $mode == paper ]] && echo runs || echo "runs/$mode")
@@ -138,7 +145,7 @@ if [[ -n "$tpu" ]]; then
   run "${gcloud_tpu[@]}" ssh "$tpu" "${where[@]}" --command="$setup"
 fi
 
-train() {  # one train.py command, here or on every TPU worker
+launch() {  # one train.py command, here or on every TPU worker
   if [[ -z "$tpu" ]]; then
     run "$python" train.py "$@"
   else
@@ -146,6 +153,30 @@ train() {  # one train.py command, here or on every TPU worker
     for x in "$@" --distributed; do cmd+=" $(printf '%q' "$x")"; done
     run "${gcloud_tpu[@]}" ssh "$tpu" "${where[@]}" --command="$cmd"
   fi
+}
+
+interrupted=0  # Ctrl-C: train.py saves and exits 0; then no restart, and run_all.sh stops
+trap 'interrupted=1' INT
+
+train() {  # launch, and launch again while the run ends restartable (see the header)
+  local dir=$1 restarts=0 status why
+  shift
+  while :; do
+    status=0
+    launch "$@" || status=$?
+    ((!dry_run)) || return 0
+    ((!interrupted)) || { echo "run_all.sh: interrupted; rerun the same command to resume" >&2; exit 130; }
+    case $status in
+      0) [[ -n "$tpu" || -f "$dir/done.json" ]] && return 0
+         why="stopped before its end (no done.json: preempted?)" ;;
+      75) why="ended restartable (exit 75: a lost process or an unsaved last checkpoint)" ;;
+      255) [[ -n "$tpu" ]] || return $status; why="lost the ssh connection to the workers (exit 255)" ;;
+      *) ((status > 128)) || return $status; why="was killed by signal $((status - 128))" ;;
+    esac
+    ((restarts < max_restarts)) || die "$dir $why; gave up after $max_restarts restarts"
+    restarts=$((restarts + 1))
+    echo "run_all.sh: $dir $why; restart $restarts/$max_restarts" >&2
+  done
 }
 
 aot_total=0 aot_done=0
@@ -211,10 +242,10 @@ for e in "${experiments[@]}"; do
       echo "skip $dir: done (done.json)"; continue
     fi
     args=("${files[@]}" "${p[@]}" --workdir="$dir" "${late[@]}" "${extra[@]}")
-    train "${args[@]}"
+    train "$dir" "${args[@]}"
     if [[ -n "$then_flags" ]]; then
       read -ra t <<< "$then_flags"
-      train "${args[@]}" "${t[@]}"
+      train "$dir" "${args[@]}" "${t[@]}"
     fi
     [[ $mode != smoke ]] || break  # the first point of each sweep
   done < <(read -ra s <<< "$spec"; points "${s[@]}")

@@ -44,77 +44,98 @@ import kernels
 import model
 
 _ABSL_FLAGS = set(flags.FLAGS)  # defined before train.py's own
+# Every numeric flag's range, checked when the flags are parsed: a bad value ends the run with
+# one line naming the flag and the value (absl: "flag --lr=-1: -1.0 is not a non-negative ...").
+POS, NONNEG, TWO = dict(lower_bound=1), dict(lower_bound=0), dict(lower_bound=2)
+PROB = dict(lower_bound=0.0, upper_bound=1.0)
 # data
 flags.DEFINE_list("data_paths", [], "dataset folders (data.py); empty = built-in")
-flags.DEFINE_integer("builtin_train", 2000, "built-in data: training puzzles")
-flags.DEFINE_integer("builtin_test", 1000, "built-in data: held-out test puzzles")
+flags.DEFINE_integer("builtin_train", 2000, "built-in data: training puzzles", **POS)
+flags.DEFINE_integer("builtin_test", 1000, "built-in data: held-out test puzzles", **POS)
 flags.DEFINE_list("builtin_blanks", ["40", "50"], "built-in: min,max blanks")
-flags.DEFINE_integer("builtin_aug", 100, "built-in: augmentations per puzzle")
+flags.register_validator(
+    "builtin_blanks",
+    lambda v: len(v) == 2 and all(x.isdigit() for x in v) and int(v[0]) <= int(v[1]) <= 64,
+    "two counts MIN,MAX with MIN <= MAX <= 64 (a Sudoku with more blanks has no unique answer)",
+)
+flags.DEFINE_integer("builtin_aug", 100, "built-in: augmentations per puzzle", **NONNEG)
 flags.DEFINE_string("builtin_dir", "data", "where built-in datasets are cached")
-flags.DEFINE_integer("train_puzzles", None, "train on the first N training puzzles only")
-flags.DEFINE_integer("train_aug", None, "augmented variants used per training puzzle")
+flags.DEFINE_integer("train_puzzles", None, "train on the first N training puzzles only", **POS)
+flags.DEFINE_integer("train_aug", None, "augmented variants used per training puzzle", **NONNEG)
 # schedule
-flags.DEFINE_integer("global_batch_size", 768, "rows per step, all devices")
+flags.DEFINE_integer("global_batch_size", 768, "rows per step, all devices", **POS)
 flags.DEFINE_enum("lr_scaling", "none", ["none", "linear", "sqrt"], "lrs x batch/base")
-flags.DEFINE_integer("base_batch_size", 768, "batch the lrs are given for")
-flags.DEFINE_integer("epochs", 50000, "epochs (one draw per puzzle group each)")
-flags.DEFINE_integer("eval_interval", 5000, "evaluate every this many epochs")
-flags.DEFINE_integer("max_steps", None, "stop early (the LR schedule is unchanged)")
-flags.DEFINE_integer("eval_max_examples", None, "cap on test examples")
-flags.DEFINE_integer("eval_batch_size", None, "default: global_batch_size")
-flags.DEFINE_integer("log_every", 100, "steps between progress lines and metrics")
+flags.DEFINE_integer("base_batch_size", 768, "batch the lrs are given for", **POS)
+flags.DEFINE_integer("epochs", 50000, "epochs (one draw per puzzle group each)", **POS)
+flags.DEFINE_integer("eval_interval", 5000, "evaluate every this many epochs", **POS)
+flags.DEFINE_integer("max_steps", None, "stop early (the LR schedule is unchanged)", **POS)
+flags.DEFINE_integer("eval_max_examples", None, "cap on test examples", **POS)
+flags.DEFINE_integer("eval_batch_size", None, "default: global_batch_size", **POS)
+flags.DEFINE_integer("log_every", 100, "steps between progress lines and metrics", **POS)
 # model (reference arch keys)
-flags.DEFINE_integer("hidden_size", 512, "D")
-flags.DEFINE_integer("num_heads", 8, "attention heads")
-flags.DEFINE_float("expansion", 4.0, "SwiGLU expansion")
-flags.DEFINE_integer("H_cycles", 3, "T: outer cycles per supervision step")
-flags.DEFINE_integer("L_cycles", 6, "n: z updates per cycle")
-flags.DEFINE_integer("L_layers", 2, "blocks in the network")
+flags.DEFINE_integer("hidden_size", 512, "D", **POS)
+flags.DEFINE_integer("num_heads", 8, "attention heads", **POS)
+flags.DEFINE_float("expansion", 4.0, "SwiGLU expansion", **NONNEG)
+flags.DEFINE_integer("H_cycles", 3, "T: outer cycles per supervision step", **POS)
+flags.DEFINE_integer("L_cycles", 6, "n: z updates per cycle", **POS)
+flags.DEFINE_integer("L_layers", 2, "blocks in the network", **POS)
 flags.DEFINE_bool("mlp_t", True, "MLP over the sequence instead of attention")
 flags.DEFINE_enum("pos_encodings", "none", ["rope", "learned", "none"], "")
-flags.DEFINE_integer("puzzle_emb_ndim", None, "default: hidden_size")
-flags.DEFINE_integer("puzzle_emb_len", 16, "prefix positions")
-flags.DEFINE_integer("halt_max_steps", 16, "N_sup: max supervision steps")
-flags.DEFINE_float("halt_exploration_prob", 0.1, "")
+flags.DEFINE_integer("puzzle_emb_ndim", None, "default: hidden_size", **NONNEG)
+flags.DEFINE_integer("puzzle_emb_len", 16, "prefix positions", **NONNEG)
+flags.DEFINE_integer("halt_max_steps", 16, "N_sup: max supervision steps", **POS)
+flags.DEFINE_float("halt_exploration_prob", 0.1, "", **PROB)
 # test-time compute (model.TestTimeCompute): the largest of each list runs, all are reported
 flags.DEFINE_list("eval_halt_max_steps", None, "N_sup at evaluation, e.g. 16,32,64")
 flags.DEFINE_list("eval_trajectories", None, "trajectories per puzzle, e.g. 1,4,16")
-flags.DEFINE_float("eval_noise", 0.3, "std of the noise on trajectories 1..K-1 (PTRM)")
+flags.DEFINE_float("eval_noise", 0.3, "std of the noise on trajectories 1..K-1 (PTRM)", **NONNEG)
 flags.DEFINE_enum("eval_noise_state", "z", ["z", "y", "both"], "the state it perturbs")
-flags.DEFINE_float("rms_norm_eps", 1e-5, "")
-flags.DEFINE_float("rope_theta", 10000.0, "")
+flags.DEFINE_float("rms_norm_eps", 1e-5, "", **NONNEG)
+flags.DEFINE_float("rope_theta", 10000.0, "", **POS)
 flags.DEFINE_enum("forward_dtype", "bfloat16", list(model.DTYPES), "")
 flags.DEFINE_bool("no_ACT_continue", True, "False: add the Q-continue loss")
 flags.DEFINE_enum("loss_type", "stablemax", ["stablemax", "softmax"], "")
 # novel: curriculum recursion, compute-aware halting, checkpoint averaging
-flags.DEFINE_integer("curriculum_steps", 0, "grow T, n to H_cycles, L_cycles in this many steps")
-flags.DEFINE_integer("curriculum_start_H_cycles", 1, "T at step 0")
-flags.DEFINE_integer("curriculum_start_L_cycles", 2, "n at step 0")
-flags.DEFINE_integer("curriculum_stages", 3, "(T, n) stages, the last the final (a compile each)")
-flags.DEFINE_float("halt_step_penalty", 0.0, "lambda: the value one more step costs (Q-continue)")
-flags.DEFINE_float("halt_exploration_final", None, "anneal halt_exploration_prob to this")
-flags.DEFINE_integer("halt_exploration_anneal_steps", None, "over these steps (default: all)")
-flags.DEFINE_integer("swa_start", None, "also evaluate the weights' running mean from this step")
-flags.DEFINE_integer("average_checkpoints", None, "--eval_only: the newest K checkpoints' mean")
+flags.DEFINE_integer(
+    "curriculum_steps", 0, "grow T, n to H_cycles, L_cycles in this many steps", **NONNEG
+)
+flags.DEFINE_integer("curriculum_start_H_cycles", 1, "T at step 0", **POS)
+flags.DEFINE_integer("curriculum_start_L_cycles", 2, "n at step 0", **POS)
+flags.DEFINE_integer(
+    "curriculum_stages", 3, "(T, n) stages, the last the final (a compile each)", **TWO
+)
+flags.DEFINE_float(
+    "halt_step_penalty", 0.0, "lambda: the value one more step costs (Q-continue)", **NONNEG
+)
+flags.DEFINE_float("halt_exploration_final", None, "anneal halt_exploration_prob to this", **PROB)
+flags.DEFINE_integer(
+    "halt_exploration_anneal_steps", None, "over these steps (default: all)", **POS
+)
+flags.DEFINE_integer(
+    "swa_start", None, "also evaluate the weights' running mean from this step", **NONNEG
+)
+flags.DEFINE_integer(
+    "average_checkpoints", None, "--eval_only: the newest K checkpoints' mean", **POS
+)
 flags.DEFINE_enum("kernel", "auto", ["auto", "pallas", "xla"], "MLP-mixer block (auto: by chip)")
 flags.DEFINE_bool("interpret", False, "run the Pallas kernel in its interpreter")
-flags.DEFINE_integer("grad_accum_steps", 1, "chunks of each device's rows, a backward each")
+flags.DEFINE_integer("grad_accum_steps", 1, "chunks of each device's rows, a backward each", **POS)
 # optimizer
 flags.DEFINE_enum("optimizer", "adam_atan2", ["adam_atan2", "adamw", "lion"], "")
-flags.DEFINE_float("lr", 1e-4, "peak learning rate")
-flags.DEFINE_float("lr_min_ratio", 1.0, "cosine floor / peak; 1 = constant")
-flags.DEFINE_integer("lr_warmup_steps", 2000, "linear warm-up from 0")
-flags.DEFINE_float("beta1", 0.9, "")
-flags.DEFINE_float("beta2", 0.95, "")
-flags.DEFINE_float("weight_decay", 1.0, "decoupled, times lr")
-flags.DEFINE_float("puzzle_emb_lr", 1e-4, "SignSGD lr of the puzzle table")
-flags.DEFINE_float("puzzle_emb_weight_decay", 1.0, "")
+flags.DEFINE_float("lr", 1e-4, "peak learning rate", **NONNEG)
+flags.DEFINE_float("lr_min_ratio", 1.0, "cosine floor / peak; 1 = constant", **PROB)
+flags.DEFINE_integer("lr_warmup_steps", 2000, "linear warm-up from 0", **NONNEG)
+flags.DEFINE_float("beta1", 0.9, "", **PROB)
+flags.DEFINE_float("beta2", 0.95, "", **PROB)
+flags.DEFINE_float("weight_decay", 1.0, "decoupled, times lr", **NONNEG)
+flags.DEFINE_float("puzzle_emb_lr", 1e-4, "SignSGD lr of the puzzle table", **NONNEG)
+flags.DEFINE_float("puzzle_emb_weight_decay", 1.0, "", **NONNEG)
 # ema
 flags.DEFINE_bool("ema", True, "evaluate an EMA of the weights")
-flags.DEFINE_float("ema_rate", 0.999, "")
+flags.DEFINE_float("ema_rate", 0.999, "", **PROB)
 # checkpoints
-flags.DEFINE_integer("ckpt_every", 1000, "steps between checkpoints (also at every eval)")
-flags.DEFINE_integer("keep", 3, "newest checkpoints kept")
+flags.DEFINE_integer("ckpt_every", 1000, "steps between checkpoints (also at every eval)", **NONNEG)
+flags.DEFINE_integer("keep", 3, "newest checkpoints kept", **POS)
 flags.DEFINE_bool("keep_best", False, "also keep the best by eval exact accuracy")
 flags.DEFINE_string("init_from", None, "start from a PyTorch TRM checkpoint or a run of ours")
 flags.DEFINE_enum("init_from_weights", "ema", ["ema", "raw"], "which weights of a run of ours")
@@ -124,9 +145,10 @@ flags.DEFINE_integer("seed", 0, "params, data order and exploration")
 flags.DEFINE_string("workdir", None, "flags.txt, metrics.jsonl, TensorBoard events")
 flags.DEFINE_bool("distributed", False, "multi-host: jax.distributed finds the hosts (TPU)")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
-flags.DEFINE_integer("num_processes", None, "processes in the run")
-flags.DEFINE_integer("process_id", None, "this process, 0..num_processes-1")
-flags.DEFINE_integer("distributed_timeout", 300, "seconds to wait for every process to join")
+flags.DEFINE_integer("num_processes", None, "processes in the run", **POS)
+flags.DEFINE_integer("process_id", None, "this process, 0..num_processes-1", **NONNEG)
+flags.DEFINE_integer("distributed_timeout", 300, "seconds to wait for every process to join", **POS)
+flags.DEFINE_integer("peer_timeout", 60, "seconds before a silent process counts as lost", **POS)
 flags.DEFINE_bool("retain_host_memory", True, "keep freed host memory mapped (glibc malloc)")
 
 
@@ -216,25 +238,14 @@ def exploration_schedule(o, total_steps):
 
 
 def check_schedules(o, cfg):
-    """Clear errors for the curriculum, exploration-annealing and averaging flags."""
-    if o.curriculum_steps:
-        T0, n0 = o.curriculum_start_H_cycles, o.curriculum_start_L_cycles
-        if not (1 <= T0 <= cfg.T and 1 <= n0 <= cfg.n):
-            raise UserError(
-                f"--curriculum_start_H_cycles={T0}, --curriculum_start_L_cycles={n0}: each "
-                f"must be in [1, final] (--H_cycles={cfg.T}, --L_cycles={cfg.n})"
-            )
-        if o.curriculum_stages < 2:
-            raise UserError(
-                f"--curriculum_stages={o.curriculum_stages}: a curriculum has at least 2 stages"
-            )
-    final = o.halt_exploration_final
-    if final is not None and not 0 <= final <= 1:
-        raise UserError(f"--halt_exploration_final={final}: a probability, in [0, 1]")
-    if o.swa_start is not None and o.swa_start < 0:
-        raise UserError(f"--swa_start={o.swa_start}: a step, >= 0")
-    if o.average_checkpoints is not None and o.average_checkpoints < 1:
-        raise UserError(f"--average_checkpoints={o.average_checkpoints}: a count, >= 1")
+    """A clear error for a curriculum that does not grow to the model's (T, n) (the flags'
+    own ranges are checked when they are parsed)."""
+    T0, n0 = o.curriculum_start_H_cycles, o.curriculum_start_L_cycles
+    if o.curriculum_steps and not (T0 <= cfg.T and n0 <= cfg.n):
+        raise UserError(
+            f"--curriculum_start_H_cycles={T0}, --curriculum_start_L_cycles={n0}: each must be "
+            f"in [1, final] (--H_cycles={cfg.T}, --L_cycles={cfg.n})"
+        )
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -451,8 +462,6 @@ def test_time_compute(o):
 
     steps = counts("eval_halt_max_steps") if o.eval_halt_max_steps else ()
     ks = counts("eval_trajectories") if o.eval_trajectories else (1,)
-    if o.eval_noise < 0:
-        raise UserError(f"--eval_noise={o.eval_noise}: a standard deviation, >= 0")
     n_sup = max(steps, default=None)
     if len(steps) == 1 and ks == (1,):
         steps = ()  # one step count and one trajectory: the usual evaluation at that N_sup
@@ -532,13 +541,27 @@ def init_distributed(o):
         file=sys.stderr,
         flush=True,
     )
-    jax.distributed.initialize(*explicit, initialization_timeout=o.distributed_timeout)
+    jax.distributed.initialize(
+        *explicit, initialization_timeout=o.distributed_timeout,
+        heartbeat_timeout_seconds=o.peer_timeout + 60,  # PeerWatch notices a lost peer first
+        shutdown_timeout_seconds=o.peer_timeout,  # the exit barrier waits no longer for one
+    )  # fmt: skip
     # Every process must run the same experiment: compare the flags (but process_id).
     mine = flags.FLAGS.flags_into_string().replace(f"--process_id={o.process_id}\n", "")
     digest = np.frombuffer(hashlib.sha256(mine.encode()).digest(), np.uint32)
     everyone = multihost_utils.process_allgather(digest)
     if (everyone != digest[None]).any():
         raise UserError("The processes were started with different flags")
+
+
+def watch_peers(o, ckpt_dir):
+    """A multi-process run's ckpt.PeerWatch (None for one process), through process 0's host."""
+    if jax.process_count() == 1:
+        return None
+    from jax._src import distributed  # noqa: PLC0415 (where --distributed found process 0)
+
+    address = o.coordinator_address or distributed.global_state.coordinator_address
+    return ckpt.PeerWatch(address.rsplit(":", 1)[0], o.peer_timeout, ckpt_dir)
 
 
 def wait_for_coordinator(address, timeout):
@@ -681,6 +704,7 @@ class Job:
     say: object  # print(line) on process 0
     write: object  # write(step, metrics) to the run directory
     ckpt_dir: str | None
+    watch: ckpt.PeerWatch | None  # several processes: ends this one when another is lost
 
     def to_global(self, local_batch):
         return data.to_global(self.rows, local_batch)
@@ -768,6 +792,8 @@ def train(job, state, step, sample, cursor, save, stop):
         T, n = run.stage(step)
         state, metrics = run.train_step_for(T, n)(state, batch)
         step, since_log = step + 1, since_log + 1
+        if job.watch:
+            job.watch.step = step
         next_cursor = cursor  # the checkpoint of this step resumes from here
         batch, cursor = sample(cursor)  # the next batch is sampled while the step runs,
         batch = job.to_global(batch)  # and sent to the devices ahead of the next step
@@ -880,6 +906,13 @@ def main(argv):
     init_distributed(o)
     is_main = jax.process_index() == 0  # only process 0 prints and writes
     say = functools.partial(print, flush=True) if is_main else lambda *_: None
+    ckpt_dir = f"{o.workdir.rstrip('/')}/ckpt" if o.workdir else None
+    if o.workdir and is_main:
+        try:
+            ckpt.check_writable(o.workdir)
+        except ValueError as e:
+            raise UserError(f"--workdir={o.workdir}: {e}") from e
+    watch = watch_peers(o, ckpt_dir)
     mesh = data_mesh()
     rows = NamedSharding(mesh, P("data"))
     train_ds, test_ds = load_data(o, is_main)
@@ -892,7 +925,6 @@ def main(argv):
     sample = data.train_sampler(train_ds, B, o.seed, data.process_rows(rows, B))
     first = data.to_global(rows, sample(0)[0])
     state = init_state(run.cfg, run.tx, first, mesh, o.seed, o.ema, o.swa_start is not None)
-    ckpt_dir = f"{o.workdir.rstrip('/')}/ckpt" if o.workdir else None
     state, step, cursor = restore(o, run.cfg, ckpt_dir, state, say)
     files = {
         "flags.txt": flags_text(),
@@ -900,7 +932,7 @@ def main(argv):
         f"env_{step:08d}.json": json.dumps(ckpt.environment(), indent=1),  # a resume may move
     }
     write, close = ckpt.open_workdir(o.workdir if is_main else None, files, resume_step=step)
-    job = Job(o, run, rows, test_ds, num_eval, say, write, ckpt_dir)
+    job = Job(o, run, rows, test_ds, num_eval, say, write, ckpt_dir, watch)
     say(
         f"{run.cfg}\n{model.num_params(state['params']):,} params | {run.num_steps} steps "
         f"({o.epochs} epochs of {run.examples_per_epoch} examples) | batch {B} on "
@@ -908,6 +940,7 @@ def main(argv):
         f"{float(run.lr(max(1, o.lr_warmup_steps))):.3g}"
         + (f" | resumed from {ckpt_dir}/step_{step:08d}" if step else "")
     )
+    code = 0
     if o.eval_only:
         eval_only(job, state, step)
         mark_done(o, step)
@@ -915,20 +948,31 @@ def main(argv):
         raise UserError("--average_checkpoints evaluates finished checkpoints: add --eval_only")
     elif step >= run.num_steps:
         say(f"nothing to do: the run in {o.workdir} finished at step {step}")
+        mark_done(o, step)
     else:
-        finish(job, state, step, sample, cursor)
+        try:
+            code = finish(job, state, step, sample, cursor)
+        except jax.errors.JaxRuntimeError:
+            if watch:  # a collective failed: a lost peer ends this process while it waits
+                time.sleep(o.peer_timeout + 5)
+            raise
     close()
+    if watch:
+        watch.close()
+    return code
 
 
 def finish(job, state, step, sample, cursor):
-    """Train to the end (or a stop request), wait for the last checkpoint, say how it ended."""
+    """Train to the end (or a stop request), wait for the last checkpoint, say how it ended;
+    the exit code (EXIT_RESTARTABLE when the last checkpoint could not be saved)."""
     o, t_start, stop = job.o, time.time(), stop_on_signals()
     save, wait = (
         ckpt.checkpointer(job.ckpt_dir, o.keep, o.keep_best) if job.ckpt_dir else (None, None)
     )
     step, saved = train(job, state, step, sample, cursor, save, stop)
-    if save:
-        wait()  # the last checkpoint must be complete before the process ends
+    if save and not wait():  # the last checkpoint must be complete before the process ends
+        job.say(f"rerun the command to resume (exit {ckpt.EXIT_RESTARTABLE}: restartable)")
+        return ckpt.EXIT_RESTARTABLE
     if stop:
         where = (
             f"checkpoint {job.ckpt_dir}/step_{saved:08d}" if save else "no --workdir: no checkpoint"
@@ -937,6 +981,7 @@ def finish(job, state, step, sample, cursor):
     else:
         job.say(f"done: {job.run.num_steps} steps in {(time.time() - t_start) / 60:.1f} min")
         mark_done(o, step)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """ckpt.py: whole-state round trips, broken checkpoints, exact resume, SIGKILL and SIGTERM,
 local directories and gs:// (a fake GCS server on 127.0.0.1), and PyTorch weight import."""
 
+import errno
 import json
 import os
 import signal
@@ -154,6 +155,37 @@ def test_keep_newest_and_best(tmp_path):
         "step_00000003",
         "step_00000004",
     ]
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_the_next_save_retries(
+    tmp_path, monkeypatch, capsys
+):
+    """A save whose writes fail halfway (a full disk, simulated: ENOSPC after the first
+    array) leaves the previous checkpoint intact and restorable; wait() says so in one line
+    and returns False, and the run goes on: the next save succeeds."""
+    state = train_state(tiny())
+    save, wait = ckpt.checkpointer(str(tmp_path))
+    save(1, state, {"cursor": 1})
+    assert wait()
+    write_regions = ckpt._write_regions
+
+    def full_disk(folder, plan, hashes):
+        if "step_00000002" not in folder:
+            return write_regions(folder, plan, hashes)
+        first = next(iter(plan))
+        write_regions(folder, {first: plan[first]}, hashes)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt, "_write_regions", full_disk)
+    save(2, state, {"cursor": 2})
+    assert not wait()
+    lines = [line for line in capsys.readouterr().err.splitlines() if "step_00000002" in line]
+    assert len(lines) == 1 and "No space left on device" in lines[0], lines
+    assert ckpt.latest(str(tmp_path))[0] == 1
+    assert_same_state(ckpt.restore(str(tmp_path), 1, state)[0], state)
+    save(3, state, {"cursor": 3})
+    assert wait()
+    assert ckpt.latest(str(tmp_path))[0] == 3
 
 
 def run(args):

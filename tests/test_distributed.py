@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -36,42 +37,63 @@ def metrics(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
 
 
+def process_flags(port, i):
+    return [
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+        "--distributed_timeout=60",
+    ]
+
+
 def two_processes(args):
     """Run train.py as 2 processes x 2 CPU devices; returns their (stdout, stderr)."""
     port = free_port()
-    procs = [
-        launch(
-            [
-                *args,
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-                "--distributed_timeout=60",
-            ],
-            devices=2,
-        )
-        for i in range(2)
-    ]
+    procs = [launch([*args, *process_flags(port, i)], devices=2) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     return outs
 
 
-def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path):
-    """2 processes x 2 devices, stopped after 5 steps and resumed from their checkpoint (each
-    process wrote its rows of the carry), against 1 process x 4 devices run straight through:
-    the same loss, norms and evaluation at every step. Exploration is on, so its draws must
-    not depend on the process split."""
+def kill_after_a_checkpoint(args, ckpt_dir, victim=1):
+    """Start 2 processes, SIGKILL process `victim` once a checkpoint is committed; the other
+    one's exit code, stderr and seconds from the kill to its exit."""
+    port = free_port()
+    procs = [launch([*args, *process_flags(port, i)], devices=2) for i in range(2)]
+    deadline = time.time() + 300
+    while not list(ckpt_dir.glob("step_*/COMMIT")):
+        assert time.time() < deadline and procs[0].poll() is None, procs[0].communicate()[1]
+        time.sleep(0.05)
+    procs[victim].kill()
+    killed, survivor = time.time(), procs[1 - victim]
+    _, err = survivor.communicate(timeout=300)
+    procs[victim].communicate()
+    return survivor.returncode, err, time.time() - killed
+
+
+def test_a_lost_process_ends_the_run_restartable_and_it_resumes_like_one(tmp_path):
+    """2 processes x 2 devices; process 1 is killed (SIGKILL) after the first checkpoint:
+    process 0 exits within --peer_timeout with the restartable code and one line naming the
+    lost process, the step and the checkpoint, without a traceback or a C++ stack. Started
+    again, the run resumes from that checkpoint (each process restores its rows of the
+    carry) and matches 1 process x 4 devices run straight through: the same loss, norms and
+    evaluation at every step. Exploration is on, so its draws must not depend on the split."""
     common = [*TINY, f"--builtin_dir={tmp_path / 'data'}"]
-    first = two_processes([*common, f"--workdir={tmp_path / 'two'}", "--max_steps=5"])
-    assert "eval @ 5" in first[0][0] and "eval @" not in first[1][0]  # only process 0 reports
-    second = two_processes([*common, f"--workdir={tmp_path / 'two'}"])
+    two = [*common, f"--workdir={tmp_path / 'two'}", "--ckpt_every=1", "--peer_timeout=20"]
+    code, err, seconds = kill_after_a_checkpoint(two, tmp_path / "two" / "ckpt")
+    assert code == 75, err[-3000:]
+    assert seconds < 20 + 10, seconds
+    assert "Traceback" not in err and "Fatal Python error" not in err, err[-3000:]
+    lost = [line for line in err.splitlines() if "lost process 1" in line]
+    assert len(lost) == 1 and re.search(r"at step \d+; the run resumes from .*step_\d{8}", lost[0])
+    second = two_processes(two)
     assert "resumed from" in second[0][0]
+    assert "eval @" in second[0][0] and "eval @" not in second[1][0]  # only process 0 reports
     single = launch([*common, f"--workdir={tmp_path / 'one'}"], devices=4)
     out, err = single.communicate(timeout=600)
     assert single.returncode == 0, err[-3000:]
-    two = [m for m in metrics(tmp_path / "two") if m["step"] != 5 or "train/loss" in m]
+    two = [m for m in metrics(tmp_path / "two")]
     one = metrics(tmp_path / "one")
     assert [m["step"] for m in two] == [m["step"] for m in one] and len(two) > 8
     for a, b in zip(two, one, strict=True):
@@ -91,6 +113,20 @@ def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path):
     for leaf, x in final["one"].items():
         atol = 5e-4 if leaf.startswith("carry/") else 1e-5  # the recursion amplifies rounding
         np.testing.assert_allclose(final["two"][leaf], x, rtol=1e-4, atol=atol, err_msg=leaf)
+
+
+def test_when_process_0_is_lost_process_1_exits_restartable(tmp_path):
+    """The other direction: process 0 (which also hosts jax.distributed's coordinator) is
+    killed; process 1 exits within --peer_timeout with the restartable code and one line,
+    instead of a C++ stack dump when jax.distributed's heartbeat gives up."""
+    args = [*TINY, f"--builtin_dir={tmp_path}", f"--workdir={tmp_path / 'run'}", "--ckpt_every=1"]
+    code, err, seconds = kill_after_a_checkpoint(
+        [*args, "--peer_timeout=20"], tmp_path / "run" / "ckpt", victim=0
+    )
+    assert code == 75, err[-3000:]
+    assert seconds < 20 + 10, seconds
+    assert "Traceback" not in err and "Fatal Python error" not in err, err[-3000:]
+    assert len([line for line in err.splitlines() if "train.py: lost process 0" in line]) == 1
 
 
 def saved_leaves(directory):

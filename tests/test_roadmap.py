@@ -229,15 +229,19 @@ def test_train_py_compiles_the_step_once_per_curriculum_stage(tmp_path):
 
 
 def test_schedule_flags_reject_bad_values():
-    for flag_values, message in [
-        ({"curriculum_steps": 5, "curriculum_start_H_cycles": 4}, "curriculum_start_H_cycles=4"),
-        ({"curriculum_steps": 5, "curriculum_stages": 1}, "curriculum_stages=1"),
-        ({"halt_exploration_final": 1.5}, "halt_exploration_final=1.5"),
-        ({"swa_start": -1}, "swa_start=-1"),
-        ({"average_checkpoints": 0}, "average_checkpoints=0"),
+    """A curriculum that does not grow to the model's (T, n) is a clear error; the schedule
+    flags' own ranges are checked when they are parsed."""
+    o = train.options(curriculum_steps=5, curriculum_start_H_cycles=4)
+    with pytest.raises(SystemExit, match="curriculum_start_H_cycles=4"):
+        train.check_schedules(o, tiny(T=3, n=6))
+    for name, bad in [
+        ("curriculum_stages", "1"),
+        ("halt_exploration_final", "1.5"),
+        ("swa_start", "-1"),
+        ("average_checkpoints", "0"),
     ]:
-        with flagsaver.flagsaver(**flag_values), pytest.raises(SystemExit, match=message):
-            train.check_schedules(train.options(), tiny(T=3, n=6))
+        with pytest.raises(flags.IllegalFlagValueError, match=f"flag --{name}={bad}: "):
+            flags.FLAGS[name].parse(bad)
 
 
 def test_lion_moves_every_weight_by_the_learning_rate():
@@ -408,6 +412,46 @@ def test_run_all_mini_study_and_skips_finished_runs(tmp_path):
     (tmp_path / "e2_1_ema_off" / "done.json").write_text("{}")
     again = dry("--mini", f"--runs={tmp_path}", "e2_1_ema_off")
     assert again == [f"skip {tmp_path}/e2_1_ema_off: done (done.json)"]
+
+
+FAKE_TRAIN = """#!/bin/bash
+# Stands in for the interpreter: `train.py ...` ends with the next code of $CODES (0d: exit 0
+# with done.json in --workdir, as a finished run; 0: exit 0 without it, as a preempted one).
+n=$(cat "$COUNT" 2>/dev/null || echo 0); echo $((n + 1)) > "$COUNT"
+read -ra codes <<< "$CODES"; code=${codes[$n]}
+for a in "$@"; do [[ $a != --workdir=* ]] || dir=${a#*=}; done
+if [[ $code == 0d ]]; then mkdir -p "$dir"; echo '{}' > "$dir/done.json"; code=0; fi
+exit "$code"
+"""
+
+
+@pytest.mark.parametrize(
+    "codes,max_restarts,status,restarts",
+    [
+        ("75 137 0d", 3, 0, 2),  # a lost process, an OOM kill: restarted; then it finishes
+        ("0 0d", 3, 0, 1),  # stopped before its end (SIGTERM) without done.json: restarted
+        ("75 75 75", 2, 2, 2),  # still failing after --max_restarts: run_all.sh gives up
+        ("1", 3, 1, 0),  # a user error: not retried
+    ],
+)
+def test_run_all_restarts_a_run_that_ends_restartable(
+    tmp_path, codes, max_restarts, status, restarts
+):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_TRAIN)
+    fake.chmod(0o755)
+    env = dict(os.environ, CODES=codes, COUNT=str(tmp_path / "count"))
+    cmd = ["./run_all.sh", f"--runs={tmp_path}", f"--max_restarts={max_restarts}", "sudoku_cpu"]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, check=False, cwd=ROOT, env=env | {"PYTHON": str(fake)}
+    )
+    assert out.returncode == status, out.stderr
+    lines = [line for line in out.stderr.splitlines() if "; restart " in line]
+    assert len(lines) == restarts, out.stderr
+    assert all(f"{tmp_path}/sudoku_cpu " in line for line in lines), lines
+    assert int((tmp_path / "count").read_text()) == min(len(codes.split()), max_restarts + 1)
+    if status == 2:
+        assert f"gave up after {max_restarts} restarts" in out.stderr
 
 
 def test_run_all_rejects_bad_arguments():

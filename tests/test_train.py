@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from absl import flags
 from absl.testing import flagsaver
 from jax.sharding import AxisType
 
@@ -213,7 +214,15 @@ def test_nan_loss_stops_the_run_with_the_step(tmp_path):
     [
         (["--data_paths=/nonexistent"], "No dataset at /nonexistent/train/dataset.json"),
         (["--global_batch_size=6"], "--global_batch_size=6 does not divide over 4 devices"),
-        (["--H_cycles=0", "--builtin_train=4", "--builtin_test=4"], r"Invalid Config \(T/n"),
+        (["--H_cycles=0"], r"flag --H_cycles=0: 0 is not a positive integer"),
+        (["--global_batch_size=0"], r"flag --global_batch_size=0: 0 is not a positive integer"),
+        (["--lr=-1"], r"flag --lr=-1: -1.0 is not a non-negative number"),
+        (["--builtin_blanks=50,40"], r"flag --builtin_blanks=.*MIN <= MAX"),
+        (
+            ["--init_from={tmp}/garbage.pt", "--builtin_train=4", "--builtin_test=4"],
+            r"--init_from=.*garbage.pt: not a trmx checkpoint folder nor a PyTorch state dict",
+        ),
+        (["--workdir={tmp}/garbage.pt/run"], r"--workdir=.*: cannot create .*: Not a directory"),
         (["--eval_trajectories=0,4"], "--eval_trajectories=0,4: positive integers"),
         (["--eval_halt_max_steps=16,x"], "--eval_halt_max_steps=16,x: positive integers"),
         (
@@ -223,12 +232,37 @@ def test_nan_loss_stops_the_run_with_the_step(tmp_path):
     ],
 )
 def test_user_mistakes_are_reported_without_a_traceback(tmp_path, args, message):
+    """One line naming the flag (and the path) and what is wrong, exit code 1."""
+    (tmp_path / "garbage.pt").write_bytes(b"this is not a checkpoint\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     cmd = [sys.executable, "train.py", f"--builtin_dir={tmp_path}", *args]
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu")
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT, env=env)
-    assert out.returncode != 0
+    assert out.returncode == 1
     assert re.search(message, out.stderr), out.stderr[-2000:]
     assert "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_every_numeric_flag_has_its_range_checked_when_parsed():
+    """A value out of range of any numeric flag of train.py is refused when the flags are
+    parsed, in one line with the flag's name and the value (absl prints it and exits 1;
+    the subprocess cases above show it for a few)."""
+    checked = 0
+    for name in train.TRAIN_FLAGS:
+        flag = flags.FLAGS[name]
+        if not isinstance(flag.parser, (flags.IntegerParser, flags.FloatParser)):
+            continue
+        lower, upper = flag.parser.lower_bound, flag.parser.upper_bound
+        if name == "seed":  # any integer seeds the run
+            assert lower is None and upper is None
+            continue
+        assert lower is not None, f"--{name} has no lower bound"
+        for bad in [lower - 1] + ([upper + 1] if upper is not None else []):
+            text = str(bad)
+            with pytest.raises(flags.IllegalFlagValueError, match=rf"^flag --{name}={text}: "):
+                flag.parse(text)
+            checked += 1
+    assert checked >= 45, checked
 
 
 @pytest.mark.parametrize("rule,factor", [("none", 1.0), ("linear", 2.0), ("sqrt", 2**0.5)])
