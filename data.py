@@ -1,6 +1,6 @@
-r"""Sudoku data: the official Sudoku-Extreme CSVs or built-in puzzles, in the reference's layout.
+r"""Sudoku and Maze-Hard data: the official CSVs or built-in puzzles, in the reference's layout.
 
-Build a dataset (both write `<out>/{train,test}/dataset.json` + `all__*.npy`, the layout of
+Build a dataset (each writes `<out>/{train,test}/dataset.json` + `all__*.npy`, the layout of
 the official TRM code, so datasets built by either project load in both):
 
   # Sudoku-Extreme 1K x 1000 augmentations from the official CSVs (train.csv, test.csv):
@@ -12,8 +12,15 @@ the official TRM code, so datasets built by either project load in both):
   # Built-in generated puzzles (unique solutions, 40..50 blanks), no download:
   python data.py builtin --out=data/builtin --num_train=2000 --num_test=1000 \
       --min_blanks=40 --max_blanks=50 --num_aug=100
+  # Maze-Hard (30x30) from the official CSVs, as the official builder writes it (--aug: the
+  # 8 symmetries of each training maze), or fetched:
+  python data.py maze --download --out=data/maze-30x30-hard-1k
+  # Built-in mazes (the answer: the unique shortest path from S to G), no download:
+  python data.py maze_builtin --out=data/maze-builtin --num_train=2000 --num_test=500 \
+      --size=15 --min_path=20 --aug
 
-Tokens: PAD 0, blank 1, digits 1..9 -> 2..10 (value + 1), row-major, 81 cells.
+Sudoku tokens: PAD 0, blank 1, digits 1..9 -> 2..10 (value + 1), row-major, 81 cells. Maze
+tokens: PAD 0, then `#` (wall), ` ` (open), `S`, `G`, `o` (the path) as 1..5, row-major.
 Training batches follow the reference: an epoch is a permutation of the puzzle groups (one
 original puzzle and its augmentations) and each group gives one random member. Here the draw
 is a pure function of (seed, position in the stream), so a run resumes exactly.
@@ -21,6 +28,7 @@ is a pure function of (seed, position in the stream), so a run resumes exactly.
 
 import csv
 import json
+import math
 import os
 import random
 import shutil
@@ -245,9 +253,6 @@ def write_split(out, split, questions, answers, num_aug=0, seed=0):
         "puzzle_indices": np.arange(n + 1, dtype=np.int32),  # one example per puzzle
         "group_indices": np.arange(0, n + 1, per, dtype=np.int32),
     }
-    os.makedirs(os.path.join(out, split), exist_ok=True)
-    for k, v in arrays.items():
-        np.save(os.path.join(out, split, f"all__{k}.npy"), v)
     meta = dict(
         pad_id=PAD,
         ignore_label_id=0,
@@ -260,7 +265,16 @@ def write_split(out, split, questions, answers, num_aug=0, seed=0):
         total_puzzles=n,
         sets=["all"],
     )
-    with open(os.path.join(out, split, "dataset.json"), "w") as f:  # written last: the marker
+    _save_split(out, split, arrays, meta)
+
+
+def _save_split(out, split, arrays, meta):
+    """A split's arrays (all__KEY.npy), then its dataset.json (written last: the marker that
+    the split is complete), and the dataset's identifiers.json (one blank id)."""
+    os.makedirs(os.path.join(out, split), exist_ok=True)
+    for k, v in arrays.items():
+        np.save(os.path.join(out, split, f"all__{k}.npy"), v)
+    with open(os.path.join(out, split, "dataset.json"), "w") as f:
         json.dump(meta, f)
     with open(os.path.join(out, "identifiers.json"), "w") as f:
         json.dump(["<blank>"], f)
@@ -288,29 +302,35 @@ def build_builtin(out, num_train, num_test, min_blanks, max_blanks, num_aug, see
     return out
 
 
-def builtin_dataset(directory, num_train, num_test, min_blanks, max_blanks, num_aug, seed=0):
-    """The path of the built-in dataset these settings describe, under `directory`, built
-    (`build_builtin`) on first use: aside, then renamed, so never seen half-written."""
-    name = f"builtin-{num_train}-{num_test}-{min_blanks}-{max_blanks}-{num_aug}-s{seed}"
-    path = os.path.join(directory, name)
+def builtin_dataset(directory, task, num_train, num_test, difficulty, num_aug, seed=0):
+    """The path of the built-in dataset these settings describe, under `directory`, built on
+    first use (aside, then renamed, so never seen half-written). `task` "sudoku":
+    `difficulty` = (min, max) blanks, num_aug variants per puzzle (build_builtin); "maze":
+    `difficulty` = (size, min path length), num_aug > 0 adds the 8 symmetries
+    (build_maze_builtin)."""
+    a, b = difficulty
+    name = f"builtin-{num_train}-{num_test}-{a}-{b}-{num_aug}-s{seed}"
+    path = os.path.join(directory, name if task == "sudoku" else f"{task}-{name}")
     if not os.path.exists(path):
         t0 = time.time()
         tmp = f"{path}.tmp{os.getpid()}"
-        build_builtin(tmp, num_train, num_test, min_blanks, max_blanks, num_aug, seed)
+        if task == "sudoku":
+            build_builtin(tmp, num_train, num_test, a, b, num_aug, seed)
+            what = f"{num_train} x {num_aug + 1} train / {num_test} test puzzles, {a}..{b} blanks"
+        else:
+            build_maze_builtin(tmp, num_train, num_test, a, b, num_aug > 0, seed)
+            what = f"{num_train} train / {num_test} test {a}x{a} mazes, paths of {b}+ steps"
         try:
             os.rename(tmp, path)
         except OSError:  # another process on this host finished first
             shutil.rmtree(tmp)
-        print(
-            f"built-in data: {num_train} x {num_aug + 1} train / {num_test} test puzzles with "
-            f"{min_blanks}..{max_blanks} blanks -> {path} ({time.time() - t0:.0f} s)",
-            flush=True,
-        )
+        print(f"built-in data: {what} -> {path} ({time.time() - t0:.0f} s)", flush=True)
     return path
 
 
 def download_csvs(out_dir, repo="sapientinc/sudoku-extreme"):
-    """Fetch train.csv and test.csv of Sudoku-Extreme from the Hugging Face hub."""
+    """Fetch train.csv and test.csv of a dataset repository on the Hugging Face hub
+    (Sudoku-Extreme; Maze-Hard: sapientinc/maze-30x30-hard-1k)."""
     try:
         from huggingface_hub import hf_hub_download  # noqa: PLC0415 (optional dependency)
     except ImportError as e:
@@ -319,6 +339,180 @@ def download_csvs(out_dir, repo="sapientinc/sudoku-extreme"):
     for name in ("train.csv", "test.csv"):
         hf_hub_download(repo, name, repo_type="dataset", local_dir=out_dir)
     return out_dir
+
+
+# ----------------------------------------------------------------------------- Maze-Hard
+
+MAZE_CHARS = "# SGo"  # wall, open, start, goal, the path: tokens 1..5 (PAD 0), as the reference
+
+
+def read_maze_csv(path):
+    """(questions, answers) of an official maze CSV (source,question,answer,rating): (N, n*n)
+    uint8 characters of square n x n grids over MAZE_CHARS. A row with another character,
+    another length, or a non-square grid is an error naming its line."""
+    questions, answers, size = [], [], None
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        next(reader, None)  # the header
+        for line, row in enumerate(reader, 2):
+            if len(row) < 3:
+                raise ValueError(
+                    f"{path}:{line}: {len(row)} fields, expected source,question,answer"
+                )
+            for text in row[1:3]:
+                n = math.isqrt(len(text))
+                if n * n != len(text) or len(text) != (size or len(text)):
+                    raise ValueError(
+                        f"{path}:{line}: a grid of {len(text)} characters, expected a square "
+                        f"one{f' of {size}' if size else ''}"
+                    )
+                if set(text) - set(MAZE_CHARS):
+                    raise ValueError(
+                        f"{path}:{line}: characters {sorted(set(text) - set(MAZE_CHARS))} "
+                        f"outside {MAZE_CHARS!r}"
+                    )
+                size = len(text)
+            questions.append(row[1])
+            answers.append(row[2])
+    if not questions:
+        raise ValueError(f"{path}: no mazes")
+    size = len(questions[0])
+    as_array = [
+        np.frombuffer("".join(t).encode(), np.uint8).reshape(-1, size) for t in (questions, answers)
+    ]
+    return as_array[0], as_array[1]
+
+
+def dihedral(grid, t):
+    """The t-th of the 8 symmetries of a square grid, in the reference's order: identity,
+    rotations by 90, 180, 270 degrees, left-right flip, up-down flip, transpose,
+    anti-transpose."""
+    ops = (
+        lambda g: g, lambda g: np.rot90(g, 1), lambda g: np.rot90(g, 2), lambda g: np.rot90(g, 3),
+        np.fliplr, np.flipud, np.transpose, lambda g: np.fliplr(np.rot90(g, 1)),
+    )  # fmt: skip
+    return ops[t](grid)
+
+
+def write_maze_split(out, split, questions, answers, aug=False):
+    """One split of mazes (N, n*n characters) in the reference layout, as its maze builder
+    writes it: each maze a group; with `aug`, its 8 symmetries are 8 puzzles of that group,
+    one example each; tokens 1..5 for MAZE_CHARS; every puzzle id 0."""
+    n = math.isqrt(questions.shape[1])
+    variants = 8 if aug else 1
+    lookup = np.zeros(256, np.uint8)
+    lookup[np.frombuffer(MAZE_CHARS.encode(), np.uint8)] = np.arange(1, len(MAZE_CHARS) + 1)
+
+    def tokens(grids):  # (N, n*n) characters -> (N * variants, n*n) tokens, maze-major
+        g = grids.reshape(-1, n, n)
+        out = [dihedral(m, t).reshape(-1) for m in g for t in range(variants)]
+        return lookup[np.stack(out)]
+
+    count = len(questions) * variants
+    arrays = {
+        "inputs": tokens(questions),
+        "labels": tokens(answers),
+        "group_indices": np.arange(0, count + 1, variants, dtype=np.int32),
+        "puzzle_indices": np.arange(count + 1, dtype=np.int32),
+        "puzzle_identifiers": np.zeros(count, np.int32),
+    }
+    meta = dict(
+        seq_len=n * n,
+        vocab_size=len(MAZE_CHARS) + 1,
+        pad_id=PAD,
+        ignore_label_id=0,
+        blank_identifier_id=BLANK_ID,
+        num_puzzle_identifiers=1,
+        total_groups=len(questions),
+        mean_puzzle_examples=1,
+        total_puzzles=len(questions),
+        sets=["all"],
+    )  # fmt: skip  (total_puzzles counts mazes, as the reference's builder does)
+    _save_split(out, split, arrays, meta)
+
+
+def build_maze(csv_dir, out, subsample=None, aug=False, seed=0):
+    """Maze-Hard in the reference layout from the official train.csv and test.csv; `aug`
+    (the 8 symmetries) and the seeded `subsample` apply to the training split."""
+    for split in ("train", "test"):
+        q, a = read_maze_csv(os.path.join(csv_dir, f"{split}.csv"))
+        if split == "train" and subsample is not None and subsample < len(q):
+            keep = np.sort(np.random.default_rng(seed).choice(len(q), subsample, replace=False))
+            q, a = q[keep], a[keep]
+        write_maze_split(out, split, q, a, aug and split == "train")
+        logging.info("%s: %d mazes x %d -> %s", split, len(q), 8 if aug else 1, out)
+
+
+def generate_mazes(num, size, min_path, seed):
+    """`num` size x size mazes (N, size*size characters each for the question and the answer):
+    a random spanning tree of the cells at odd coordinates (walls between, around), so that
+    any two cells are joined by exactly one path, S and G on cells at least `min_path` steps
+    apart along it; the answer marks the cells strictly between them 'o' (the unique
+    shortest path). Deterministic in `seed`."""
+    if size < 5:
+        raise ValueError(f"maze size {size}: at least 5")
+    rng, cells = (
+        random.Random(seed),
+        [(r, c) for r in range(1, size - 1, 2) for c in range(1, size - 1, 2)],
+    )
+    questions, answers = [], []
+    while len(questions) < num:
+        grid = np.full((size, size), ord("#"), np.uint8)
+        start = rng.choice(cells)
+        grid[start], stack, seen = ord(" "), [start], {start}
+        while stack:  # randomized depth-first search: a spanning tree of the cells
+            r, c = stack[-1]
+            nexts = [(r + dr, c + dc) for dr, dc in ((0, 2), (2, 0), (0, -2), (-2, 0))]
+            nexts = [
+                p for p in nexts if 0 < p[0] < size - 1 and 0 < p[1] < size - 1 and p not in seen
+            ]
+            if not nexts:
+                stack.pop()
+                continue
+            p = rng.choice(nexts)
+            grid[(r + p[0]) // 2, (c + p[1]) // 2] = grid[p] = ord(" ")
+            seen.add(p)
+            stack.append(p)
+        s = rng.choice(cells)
+        dist, parent = maze_distances(grid, s)
+        far = [p for p in cells if dist.get(p, -1) >= min_path]
+        if not far:
+            continue  # too small for min_path: draw another
+        g = rng.choice(far)
+        answer = grid.copy()
+        p = parent[g]
+        while p != s:
+            answer[p] = ord("o")
+            p = parent[p]
+        grid[s] = answer[s] = ord("S")
+        grid[g] = answer[g] = ord("G")
+        questions.append(grid.reshape(-1))
+        answers.append(answer.reshape(-1))
+    return np.stack(questions), np.stack(answers)
+
+
+def maze_distances(grid, source):
+    """Breadth-first search over the non-wall cells of a maze grid (characters): {cell: steps
+    from `source`} and {cell: the cell before it on a shortest path}."""
+    dist, parent, queue = {source: 0}, {}, [source]
+    for r, c in queue:
+        for p in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+            inside = 0 <= p[0] < grid.shape[0] and 0 <= p[1] < grid.shape[1]
+            if inside and grid[p] != ord("#") and p not in dist:
+                dist[p], parent[p] = dist[(r, c)] + 1, (r, c)
+                queue.append(p)
+    return dist, parent
+
+
+def build_maze_builtin(out, num_train, num_test, size, min_path, aug=False, seed=0):
+    """Generated mazes; the test mazes are disjoint from the training mazes (held out)."""
+    train_q, train_a = generate_mazes(num_train, size, min_path, seed)
+    test_q, test_a = generate_mazes(num_test, size, min_path, seed + 1_000_003)
+    seen = {bytes(q) for q in train_q}
+    held_out = np.array([bytes(q) not in seen for q in test_q], bool)
+    write_maze_split(out, "train", train_q, train_a, aug)
+    write_maze_split(out, "test", test_q[held_out], test_a[held_out])
+    return out
 
 
 # ----------------------------------------------------------------------------- loading, batches
@@ -510,9 +704,12 @@ def eval_batches(ds, batch_size, max_examples=None, rows=slice(None)):
 # ----------------------------------------------------------------------------- command line
 
 
+COMMANDS = ("sudoku", "builtin", "maze", "maze_builtin")
+
+
 def main(argv):
-    if len(argv) != 2 or argv[1] not in ("sudoku", "builtin"):
-        raise app.UsageError("usage: python data.py sudoku|builtin --out=DIR [flags]; see --help")
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise app.UsageError(f"usage: python data.py {'|'.join(COMMANDS)} --out=DIR; see --help")
     F = flags.FLAGS
     try:  # a bad file or value is one clear line, not a traceback
         build(argv[1], F)
@@ -524,27 +721,33 @@ def main(argv):
 def build(what, F):
     if what == "builtin":
         build_builtin(F.out, F.num_train, F.num_test, F.min_blanks, F.max_blanks, F.num_aug, F.seed)
+    elif what == "maze_builtin":
+        build_maze_builtin(F.out, F.num_train, F.num_test, F.size, F.min_path, F.aug, F.seed)
     else:
         if not (F.csv_dir or F.download):
-            raise app.UsageError(
-                "sudoku needs --csv_dir=DIR (with train.csv, test.csv) or --download"
-            )
-        csv_dir = (
-            download_csvs(F.csv_dir or os.path.join(F.out, "csv")) if F.download else F.csv_dir
-        )
-        build_sudoku(csv_dir, F.out, F.subsample, F.num_aug, F.seed, F.min_rating)
+            raise app.UsageError(f"{what} needs --csv_dir=DIR (train.csv, test.csv) or --download")
+        repo = "sapientinc/sudoku-extreme" if what == "sudoku" else "sapientinc/maze-30x30-hard-1k"
+        csv_dir = F.csv_dir or os.path.join(F.out, "csv")
+        csv_dir = download_csvs(csv_dir, repo) if F.download else csv_dir
+        if what == "sudoku":
+            build_sudoku(csv_dir, F.out, F.subsample, F.num_aug, F.seed, F.min_rating)
+        else:
+            build_maze(csv_dir, F.out, F.subsample, F.aug, F.seed)
 
 
 if __name__ == "__main__":
     flags.DEFINE_string("out", None, "output dataset folder", required=True)
     flags.DEFINE_integer("num_aug", 0, "augmented variants per training puzzle")
     flags.DEFINE_integer("seed", 0, "seed of the subsample, augmentations and generator")
-    flags.DEFINE_string("csv_dir", None, "sudoku: folder with the official train.csv, test.csv")
-    flags.DEFINE_bool("download", False, "sudoku: fetch the CSVs with huggingface_hub")
-    flags.DEFINE_integer("subsample", None, "sudoku: training puzzles kept (the paper: 1000)")
+    flags.DEFINE_string("csv_dir", None, "sudoku, maze: folder with the official train/test.csv")
+    flags.DEFINE_bool("download", False, "sudoku, maze: fetch the CSVs with huggingface_hub")
+    flags.DEFINE_integer("subsample", None, "sudoku, maze: training puzzles kept")
     flags.DEFINE_integer("min_rating", None, "sudoku: keep puzzles rated at least this")
-    flags.DEFINE_integer("num_train", 2000, "builtin: training puzzles")
-    flags.DEFINE_integer("num_test", 1000, "builtin: held-out test puzzles")
+    flags.DEFINE_integer("num_train", 2000, "builtin, maze_builtin: training puzzles")
+    flags.DEFINE_integer("num_test", 1000, "builtin, maze_builtin: held-out test puzzles")
     flags.DEFINE_integer("min_blanks", 40, "builtin: fewest blank cells (difficulty)")
     flags.DEFINE_integer("max_blanks", 50, "builtin: most blank cells (difficulty)")
+    flags.DEFINE_bool("aug", False, "maze, maze_builtin: add each training maze's 8 symmetries")
+    flags.DEFINE_integer("size", 15, "maze_builtin: grid side (the official mazes: 30)")
+    flags.DEFINE_integer("min_path", 20, "maze_builtin: fewest steps from S to G (difficulty)")
     app.run(main)

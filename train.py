@@ -52,7 +52,14 @@ PROB = dict(lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_list("data_paths", [], "dataset folders (data.py); empty = built-in")
 flags.DEFINE_integer("builtin_train", 2000, "built-in data: training puzzles", **POS)
 flags.DEFINE_integer("builtin_test", 1000, "built-in data: held-out test puzzles", **POS)
-flags.DEFINE_list("builtin_blanks", ["40", "50"], "built-in: min,max blanks")
+flags.DEFINE_enum("builtin_task", "sudoku", ["sudoku", "maze"], "built-in data: which puzzles")
+flags.DEFINE_list("builtin_blanks", ["40", "50"], "built-in Sudoku: min,max blanks")
+flags.DEFINE_list("builtin_maze", ["15", "20"], "built-in mazes: side,fewest steps from S to G")
+flags.register_validator(
+    "builtin_maze",
+    lambda v: len(v) == 2 and all(x.isdigit() for x in v) and int(v[0]) >= 5,
+    "two counts SIDE,MIN_PATH with SIDE >= 5",
+)
 flags.register_validator(
     "builtin_blanks",
     lambda v: len(v) == 2 and all(x.isdigit() for x in v) and int(v[0]) <= int(v[1]) <= 64,
@@ -674,8 +681,15 @@ def load_data(o, is_main):
     try:  # a user's mistake in the data flags is reported as a usage error, not a traceback
         paths = o.data_paths
         if not paths:
-            lo, hi = map(int, o.builtin_blanks)
-            sizes = (o.builtin_train, o.builtin_test, lo, hi, o.builtin_aug, o.seed)
+            hard = map(int, o.builtin_blanks if o.builtin_task == "sudoku" else o.builtin_maze)
+            sizes = (
+                o.builtin_task,
+                o.builtin_train,
+                o.builtin_test,
+                tuple(hard),
+                o.builtin_aug,
+                o.seed,
+            )
             if is_main:
                 data.builtin_dataset(o.builtin_dir, *sizes)
             multihost_utils.sync_global_devices("built-in data")

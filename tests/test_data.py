@@ -230,3 +230,111 @@ def test_command_line_download_and_errors(tmp_path):
     )
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "train.csv:2: answer has 'x' at cell 80" in out.stderr
+
+
+# ----------------------------------------------------------------------------- Maze-Hard
+
+MAZE = ROOT / "tests" / "testdata" / "maze_tiny"
+
+
+def shortest_paths(grid, source, target):
+    """(length, number of distinct shortest paths) from source to target over open cells."""
+    dist, _ = data.maze_distances(grid, source)
+    count = {source: 1}
+    for cell in sorted(dist, key=dist.get):
+        r, c = cell
+        for p in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+            if dist.get(p) == dist[cell] + 1:
+                count[p] = count.get(p, 0) + count[cell]
+    return dist.get(target), count.get(target, 0)
+
+
+@pytest.mark.parametrize("size,min_path", [(7, 4), (15, 20), (30, 60)])
+def test_generated_mazes_answer_with_the_unique_shortest_path(size, min_path):
+    """Every answer is the question with the cells strictly between S and G on a path marked
+    'o'; that path is a shortest path, the only one, and at least min_path steps long."""
+    questions, answers = data.generate_mazes(20, size, min_path, seed=3)
+    assert questions.shape == answers.shape == (20, size * size)
+    for q, a in zip(
+        questions.reshape(-1, size, size), answers.reshape(-1, size, size), strict=True
+    ):
+        assert set(np.unique(q).tobytes()) <= set(b"# SG") and set(np.unique(a).tobytes()) <= set(
+            b"# SGo"
+        )
+        (s,), (g,) = map(tuple, np.argwhere(q == ord("S"))), map(tuple, np.argwhere(q == ord("G")))
+        path = set(map(tuple, np.argwhere(a == ord("o"))))
+        assert ((a == q) | (a == ord("o"))).all() and all(q[p] == ord(" ") for p in path)
+        length, count = shortest_paths(q, s, g)
+        assert count == 1 and length >= min_path and len(path) == length - 1
+        # the marked cells are that path: S, the path cells and G form a chain of neighbours
+        open_a = a.copy()
+        open_a[a == ord(" ")] = ord("#")  # only the marked path is open
+        assert shortest_paths(open_a, s, g)[0] == length
+    assert not (questions == data.generate_mazes(20, size, min_path, seed=4)[0]).all()
+    assert (questions == data.generate_mazes(20, size, min_path, seed=3)[0]).all()
+
+
+@pytest.mark.parametrize("aug", [False, True])
+def test_build_maze_writes_what_the_official_builder_writes(tmp_path, aug):
+    """data.py maze on tests/testdata/maze_tiny's CSVs gives the arrays (values, dtypes),
+    dataset.json and identifiers.json that the official dataset/build_maze_dataset.py wrote
+    for them (tests/testdata/README.md), with and without the 8 symmetries."""
+    golden = np.load(MAZE / "official.npz")
+    metas = json.loads((MAZE / "official.json").read_text())
+    data.build_maze(str(MAZE), str(tmp_path), aug=aug)
+    for split in ("train", "test"):
+        for key in ("inputs", "labels", "group_indices", "puzzle_indices", "puzzle_identifiers"):
+            ours, theirs = (
+                np.load(tmp_path / split / f"all__{key}.npy"),
+                golden[f"aug{int(aug)}/{split}/{key}"],
+            )
+            assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, (split, key)
+            assert (ours == theirs).all(), (split, key)
+        meta = json.loads((tmp_path / split / "dataset.json").read_text())
+        assert meta == metas[f"aug{int(aug)}/{split}"]
+    assert (
+        json.loads((tmp_path / "identifiers.json").read_text())
+        == metas[f"aug{int(aug)}/identifiers"]
+    )
+    ds = data.load([str(tmp_path)], "train")  # and trmx reads it: 8 puzzles per maze with aug
+    assert ds["meta"]["seq_len"] == 81 and ds["meta"]["vocab_size"] == 6
+    assert len(ds["inputs"]) == 6 * (8 if aug else 1)
+
+
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ("a,####,####", "3: a grid of 4 characters"),  # square, but not the first row's size
+        ("a,#####,#####", "a grid of 5 characters, expected a square one"),
+        ("a,#x#######,#x#######", r"2: characters \['x'\] outside"),
+        ("a,#########", "2 fields"),
+    ],
+)
+def test_maze_csv_reader_rejects_bad_rows_naming_file_and_line(tmp_path, row, message):
+    good = "#" * 9
+    lines = (
+        ["source,question,answer,rating", f"s,{good},{good},0"]
+        if "4 char" in message
+        else ["source,question,answer,rating"]
+    )
+    (tmp_path / "train.csv").write_text("\n".join([*lines, row]) + "\n")
+    with pytest.raises(ValueError, match=message):
+        data.read_maze_csv(str(tmp_path / "train.csv"))
+
+
+def test_train_py_builtin_mazes(tmp_path):
+    """train.py --builtin_task=maze: the built-in data are generated mazes (with the 8
+    symmetries when --builtin_aug > 0), cached under --builtin_dir by their settings, and
+    the test mazes are held out."""
+    import train  # noqa: PLC0415 (its flags; the rest of this module needs no jax)
+
+    o = train.options(
+        builtin_task="maze", builtin_maze=["7", "4"], builtin_train=10, builtin_test=6,
+        builtin_aug=1, builtin_dir=str(tmp_path), data_paths=[],
+    )  # fmt: skip
+    train_ds, test_ds = train.load_data(o, is_main=True)
+    assert train_ds["meta"]["seq_len"] == 49 and train_ds["meta"]["vocab_size"] == 6
+    assert len(train_ds["inputs"]) == 10 * 8 and train_ds["meta"]["total_groups"] == 10
+    seen = {bytes(x) for x in np.asarray(train_ds["inputs"])[::8]}  # each maze as drawn
+    assert not any(bytes(x) in seen for x in np.asarray(test_ds["inputs"]))
+    assert [p.name for p in tmp_path.iterdir()] == ["maze-builtin-10-6-7-4-1-s0"]

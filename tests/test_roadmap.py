@@ -374,12 +374,31 @@ def test_run_all_leaves_out_the_point_that_is_the_baseline():
     assert "skip e2_2_t_n_grid --H_cycles=3 --L_cycles=6: the same run as E1.1" in skipped[0]
 
 
+def flagfile_values(name):
+    """The flags of configs/NAME.flags, parsed as train.py parses them."""
+    lines = (ROOT / "configs" / f"{name}.flags").read_text().splitlines()
+    pairs = [line[2:].split("=", 1) for line in lines if line.startswith("--")]
+    return {k: flags.FLAGS[k].parser.parse(v) for k, v in pairs}
+
+
+def test_maze_hard_flagfile_is_the_papers_attention_maze_run():
+    """configs/maze_hard.flags on 30x30 mazes (the official builder's metadata): attention
+    with RoPE, T=3, n=4, 2 layers, D=512: the official README's run, 6.8M parameters (the
+    paper: 7M)."""
+    meta = {"vocab_size": 6, "seq_len": 900, "num_puzzle_identifiers": 1}
+    cfg = train.model_config(train.options(**flagfile_values("maze_hard")), meta, "cpu")
+    assert (cfg.mlp_t, cfg.pos_encodings, cfg.T, cfg.n, cfg.layers) == (False, "rope", 3, 4, 2)
+    assert (cfg.D, cfg.N_sup, cfg.L) == (512, 16, 916)
+    params = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
+    assert 6.5e6 < model.num_params(params) < 7.5e6
+
+
 def test_run_all_phases_cover_every_experiment_flagfile_once():
     lines = dry("all")
     commands = [line for line in lines if line.startswith("+")]
     named = {line.split("--workdir=runs/")[1].split("/")[0].split(" ")[0] for line in commands}
     flagfiles = {p.stem for p in (ROOT / "configs").glob("*.flags")}
-    assert named == flagfiles - {"sudoku_cpu", "mini", "smoke"}
+    assert named == flagfiles - {"sudoku_cpu", "maze_cpu", "maze_hard", "mini", "smoke"}
     assert dry("phase2") == [line for line in lines if "/e2_" in line]
     # no two runs of the roadmap are the same run: their flags (less the folder) differ
     runs = [
