@@ -283,6 +283,17 @@ def with_weights(state, weights):
     return state | {"params": params, "buffers": buffers}
 
 
+def remove_newer(directory, step):
+    """Delete the step folders under `directory` newer than `step` (the one a run resumes
+    from): saves that did not complete, whose markers a new save of the same step must not
+    see. Process 0 calls it; the others wait for it."""
+    store = ts.KvStore.open(_url(directory), context=CONTEXT).result()
+    for s in _steps(store)[0]:
+        if s > step:
+            name = f"{STEP_PREFIX}{s:08d}/"
+            store.delete_range(ts.KvStore.KeyRange(name, name[:-1] + "0")).result()
+
+
 def newest_weights(directory, k, state, key):
     """The `key` weights ("ema" or "params", less the puzzle table) of the newest k intact
     checkpoints under `directory` (shaped like the train `state`), and their steps."""
@@ -466,6 +477,8 @@ class PeerWatch:
                 got = b""
             if b"!" in got:  # process 0 lost another one
                 self.lost(got.split(b"!")[1].split(b"\n")[0].decode())
+            elif b"f" in got:  # it stopped with an error (its own line says which)
+                self.failed(f"process {peer}")
             elif b"x" in got:  # goodbye: it finished
                 return
             elif not got:
@@ -500,14 +513,32 @@ class PeerWatch:
             sys.stdout.flush()
             os._exit(EXIT_RESTARTABLE)
 
+    def failed(self, who=None):
+        """This process (`who` None) or `who` stopped with an error: tell the others, so that
+        they end too, with exit code 1 (an error is not worth retrying), instead of counting
+        a lost peer."""
+        with self.lock:
+            if self.done:
+                return
+            self.done = True
+            self._send_and_close(b"f")
+            if who is not None:
+                print(f"train.py: {who} stopped with an error (its log says why)", file=sys.stderr)
+                sys.stderr.flush()
+                sys.stdout.flush()
+                os._exit(1)
+
     def close(self):
         """This process finished: say goodbye, stop watching."""
         with self.lock:
             self.done = True
-            for conn in self.conns.values():
-                with contextlib.suppress(OSError):
-                    conn.sendall(b"x")
-                    conn.close()
+            self._send_and_close(b"x")
+
+    def _send_and_close(self, message):
+        for conn in self.conns.values():
+            with contextlib.suppress(OSError):
+                conn.sendall(message)
+                conn.shutdown(socket.SHUT_WR)  # not close(): unread heartbeats would reset it
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -361,7 +361,7 @@ def read_maze_csv(path):
                 )
             for text in row[1:3]:
                 n = math.isqrt(len(text))
-                if n * n != len(text) or len(text) != (size or len(text)):
+                if n * n != len(text) or not text or len(text) != (size or len(text)):
                     raise ValueError(
                         f"{path}:{line}: a grid of {len(text)} characters, expected a square "
                         f"one{f' of {size}' if size else ''}"
@@ -449,13 +449,16 @@ def generate_mazes(num, size, min_path, seed):
     any two cells are joined by exactly one path, S and G on cells at least `min_path` steps
     apart along it; the answer marks the cells strictly between them 'o' (the unique
     shortest path). Deterministic in `seed`."""
-    if size < 5:
-        raise ValueError(f"maze size {size}: at least 5")
+    longest = 2 * (((size - 1) // 2) ** 2 - 1)  # a path through every cell of the lattice
+    if size < 5 or not 1 <= min_path <= longest:
+        raise ValueError(
+            f"mazes of side {size} (at least 5) have paths of 1..{longest} steps, not {min_path}"
+        )
     rng, cells = (
         random.Random(seed),
         [(r, c) for r in range(1, size - 1, 2) for c in range(1, size - 1, 2)],
     )
-    questions, answers = [], []
+    questions, answers, tries = [], [], 0
     while len(questions) < num:
         grid = np.full((size, size), ord("#"), np.uint8)
         start = rng.choice(cells)
@@ -477,7 +480,10 @@ def generate_mazes(num, size, min_path, seed):
         dist, parent = maze_distances(grid, s)
         far = [p for p in cells if dist.get(p, -1) >= min_path]
         if not far:
-            continue  # too small for min_path: draw another
+            tries += 1
+            if tries > 1000 * (len(questions) + 1):
+                raise ValueError(f"no {size}x{size} maze with a path of {min_path}+ steps found")
+            continue  # no cell that far from S in this maze: draw another
         g = rng.choice(far)
         answer = grid.copy()
         p = parent[g]

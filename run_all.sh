@@ -24,8 +24,9 @@
 # one resumes from its newest checkpoint: rerunning the same command finishes the roadmap.
 # A run that ends restartable (train.py's exit 75: a lost process, or a last checkpoint that
 # could not be written), killed by a signal, or stopped before its end without done.json
-# (SIGTERM: a preempted VM) is started again, up to --max_restarts times (default 3), with
-# one line per restart; a run that fails otherwise (a user error: exit 1) is not.
+# (SIGTERM: a preempted VM; checked where RUNS is a local folder) is started again, up to
+# --max_restarts times (default 3), with one line per restart; a run that fails otherwise (a
+# user error: exit 1) is not.
 #
 # On every worker of a Cloud TPU VM slice (one process per host, jax.distributed):
 #   ./run_all.sh --tpu=trmx-v4-32 --zone=us-central2-b --runs=gs://BUCKET/runs \
@@ -155,19 +156,20 @@ launch() {  # one train.py command, here or on every TPU worker
   fi
 }
 
-interrupted=0  # Ctrl-C: train.py saves and exits 0; then no restart, and run_all.sh stops
-trap 'interrupted=1' INT
+interrupted=0  # Ctrl-C during a run: train.py saves and exits 0; no restart, run_all.sh stops
 
 train() {  # launch, and launch again while the run ends restartable (see the header)
   local dir=$1 restarts=0 status why
   shift
   while :; do
     status=0
+    trap 'interrupted=1' INT
     launch "$@" || status=$?
+    trap - INT
     ((!dry_run)) || return 0
     ((!interrupted)) || { echo "run_all.sh: interrupted; rerun the same command to resume" >&2; exit 130; }
     case $status in
-      0) [[ -n "$tpu" || -f "$dir/done.json" ]] && return 0
+      0) [[ -n "$tpu" || "$dir" == *://* || -f "$dir/done.json" ]] && return 0
          why="stopped before its end (no done.json: preempted?)" ;;
       75) why="ended restartable (exit 75: a lost process or an unsaved last checkpoint)" ;;
       255) [[ -n "$tpu" ]] || return $status; why="lost the ssh connection to the workers (exit 255)" ;;

@@ -57,8 +57,8 @@ flags.DEFINE_list("builtin_blanks", ["40", "50"], "built-in Sudoku: min,max blan
 flags.DEFINE_list("builtin_maze", ["15", "20"], "built-in mazes: side,fewest steps from S to G")
 flags.register_validator(
     "builtin_maze",
-    lambda v: len(v) == 2 and all(x.isdigit() for x in v) and int(v[0]) >= 5,
-    "two counts SIDE,MIN_PATH with SIDE >= 5",
+    lambda v: len(v) == 2 and all(x.isdigit() for x in v) and int(v[0]) >= 5 and int(v[1]) >= 1,
+    "two counts SIDE,MIN_PATH with SIDE >= 5, MIN_PATH >= 1",
 )
 flags.register_validator(
     "builtin_blanks",
@@ -732,6 +732,9 @@ def restore(o, cfg, ckpt_dir, state, say):
     3. the fresh state from --seed."""
     found = ckpt.latest(ckpt_dir) if ckpt_dir and jax.process_index() == 0 else None
     step = int(multihost_utils.broadcast_one_to_all(np.int32(found[0] if found else 0)))
+    if ckpt_dir and jax.process_index() == 0:
+        ckpt.remove_newer(ckpt_dir, step)  # unfinished saves: a new save starts clean
+    multihost_utils.sync_global_devices("checkpoints after the resumed one removed")
     if step:
         state, extra = ckpt.restore(ckpt_dir, step, state)
         return state, step, extra["cursor"]
@@ -918,15 +921,33 @@ def main(argv):
     if o.retain_host_memory:
         retain_host_memory()
     init_distributed(o)
-    is_main = jax.process_index() == 0  # only process 0 prints and writes
-    say = functools.partial(print, flush=True) if is_main else lambda *_: None
+    say = functools.partial(print, flush=True) if jax.process_index() == 0 else lambda *_: None
     ckpt_dir = f"{o.workdir.rstrip('/')}/ckpt" if o.workdir else None
+    watch = watch_peers(o, ckpt_dir)
+    try:
+        code = start(o, say, ckpt_dir, watch)
+    except jax.errors.JaxRuntimeError:
+        if watch:  # a collective failed: a lost peer ends this process while it waits
+            time.sleep(o.peer_timeout + 5)
+        raise
+    except SystemExit:  # a user error (a NaN loss, a bad dataset): the others stop too, exit 1
+        if watch:
+            watch.failed()
+        raise
+    if watch:
+        watch.close()
+    return code
+
+
+def start(o, say, ckpt_dir, watch):
+    """Load the data, set the run up, restore its state, then train or only evaluate; the
+    exit code."""
+    is_main = jax.process_index() == 0
     if o.workdir and is_main:
         try:
             ckpt.check_writable(o.workdir)
         except ValueError as e:
             raise UserError(f"--workdir={o.workdir}: {e}") from e
-    watch = watch_peers(o, ckpt_dir)
     mesh = data_mesh()
     rows = NamedSharding(mesh, P("data"))
     train_ds, test_ds = load_data(o, is_main)
@@ -964,15 +985,8 @@ def main(argv):
         say(f"nothing to do: the run in {o.workdir} finished at step {step}")
         mark_done(o, step)
     else:
-        try:
-            code = finish(job, state, step, sample, cursor)
-        except jax.errors.JaxRuntimeError:
-            if watch:  # a collective failed: a lost peer ends this process while it waits
-                time.sleep(o.peer_timeout + 5)
-            raise
+        code = finish(job, state, step, sample, cursor)
     close()
-    if watch:
-        watch.close()
     return code
 
 
