@@ -182,10 +182,15 @@ def _prune(base, keep, keep_best):
     newest = max(complete)
     for step in steps:
         if step not in kept and step < newest:  # never an unfinished save newer than the commit
-            name = f"{STEP_PREFIX}{step:08d}/"
-            store.delete_range(ts.KvStore.KeyRange(name, name[:-1] + "0")).result()
-            if base.startswith("file://"):  # the file driver leaves the empty folders
-                shutil.rmtree(base[len("file://") :] + name, ignore_errors=True)
+            _delete_step(base, store, step)
+
+
+def _delete_step(base, store, step):
+    """Delete one step folder under `base` (its store: `store`)."""
+    name = f"{STEP_PREFIX}{step:08d}/"
+    store.delete_range(ts.KvStore.KeyRange(name, name[:-1] + "0")).result()
+    if base.startswith("file://"):  # the file driver leaves the empty folders
+        shutil.rmtree(base[len("file://") :] + name, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- restore
@@ -287,11 +292,10 @@ def remove_newer(directory, step):
     """Delete the step folders under `directory` newer than `step` (the one a run resumes
     from): saves that did not complete, whose markers a new save of the same step must not
     see. Process 0 calls it; the others wait for it."""
-    store = ts.KvStore.open(_url(directory), context=CONTEXT).result()
-    for s in _steps(store)[0]:
-        if s > step:
-            name = f"{STEP_PREFIX}{s:08d}/"
-            store.delete_range(ts.KvStore.KeyRange(name, name[:-1] + "0")).result()
+    base = _url(directory)
+    store = ts.KvStore.open(base, context=CONTEXT).result()
+    for newer in (s for s in _steps(store)[0] if s > step):
+        _delete_step(base, store, newer)
 
 
 def newest_weights(directory, k, state, key):

@@ -710,7 +710,6 @@ class Job:
     """A run's fixed parts, as `main` sets them up: the flags, the compiled `Run`, where the
     rows go, the test set, and where progress goes (`say` prints on process 0 only)."""
 
-    o: types.SimpleNamespace
     run: Run
     rows: NamedSharding  # the batch's rows over the mesh's devices
     test_ds: dict
@@ -719,6 +718,10 @@ class Job:
     write: object  # write(step, metrics) to the run directory
     ckpt_dir: str | None
     watch: ckpt.PeerWatch | None  # several processes: ends this one when another is lost
+
+    @property
+    def o(self):  # the flags the Run was set up with
+        return self.run.o
 
     def to_global(self, local_batch):
         return data.to_global(self.rows, local_batch)
@@ -967,7 +970,7 @@ def start(o, say, ckpt_dir, watch):
         f"env_{step:08d}.json": json.dumps(ckpt.environment(), indent=1),  # a resume may move
     }
     write, close = ckpt.open_workdir(o.workdir if is_main else None, files, resume_step=step)
-    job = Job(o, run, rows, test_ds, num_eval, say, write, ckpt_dir, watch)
+    job = Job(run, rows, test_ds, num_eval, say, write, ckpt_dir, watch)
     say(
         f"{run.cfg}\n{model.num_params(state['params']):,} params | {run.num_steps} steps "
         f"({o.epochs} epochs of {run.examples_per_epoch} examples) | batch {B} on "
