@@ -1,4 +1,4 @@
-r"""Sudoku and Maze-Hard data: the official CSVs or built-in puzzles, in the reference's layout.
+r"""Sudoku, Maze-Hard and ARC-AGI data in the reference's layout, and ARC scoring.
 
 Build a dataset (each writes `<out>/{train,test}/dataset.json` + `all__*.npy`, the layout of
 the official TRM code, so datasets built by either project load in both):
@@ -18,15 +18,25 @@ the official TRM code, so datasets built by either project load in both):
   # Built-in mazes (the answer: the unique shortest path from S to G), no download:
   python data.py maze_builtin --out=data/maze-builtin --num_train=2000 --num_test=500 \
       --size=15 --min_path=20 --aug
+  # ARC-AGI-1 from the Kaggle-format JSON the official repository ships (kaggle/combined/),
+  # the same arrays and puzzle ids as its builder (ARC-AGI-2: training2,evaluation2,concept):
+  python data.py arc --input_file_prefix=kaggle/combined/arc-agi \
+      --subsets=training,evaluation,concept --test_set_name=evaluation --num_aug=1000 \
+      --seed=42 --out=data/arc1concept-aug-1000
+  # pass@K and a Kaggle submission.json from saved predictions (inputs, puzzle_identifiers,
+  # preds, q_halt_logits):
+  python data.py arc_score --data=data/arc1concept-aug-1000 --predictions=PRED.npz --out=DIR
 
 Sudoku tokens: PAD 0, blank 1, digits 1..9 -> 2..10 (value + 1), row-major, 81 cells. Maze
-tokens: PAD 0, then `#` (wall), ` ` (open), `S`, `G`, `o` (the path) as 1..5, row-major.
+tokens: PAD 0, then `#` (wall), ` ` (open), `S`, `G`, `o` (the path) as 1..5, row-major. ARC
+tokens: PAD 0, EOS 1, colours 0..9 -> 2..11 on a 30x30 canvas (900 cells).
 Training batches follow the reference: an epoch is a permutation of the puzzle groups (one
 original puzzle and its augmentations) and each group gives one random member. Here the draw
 is a pure function of (seed, position in the stream), so a run resumes exactly.
 """
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -268,16 +278,18 @@ def write_split(out, split, questions, answers, num_aug=0, seed=0):
     _save_split(out, split, arrays, meta)
 
 
-def _save_split(out, split, arrays, meta):
+def _save_split(out, split, arrays, meta, identifiers=True):
     """A split's arrays (all__KEY.npy), then its dataset.json (written last: the marker that
-    the split is complete), and the dataset's identifiers.json (one blank id)."""
+    the split is complete), and unless told not to, the dataset's identifiers.json (one blank
+    id)."""
     os.makedirs(os.path.join(out, split), exist_ok=True)
     for k, v in arrays.items():
         np.save(os.path.join(out, split, f"all__{k}.npy"), v)
     with open(os.path.join(out, split, "dataset.json"), "w") as f:
         json.dump(meta, f)
-    with open(os.path.join(out, "identifiers.json"), "w") as f:
-        json.dump(["<blank>"], f)
+    if identifiers:
+        with open(os.path.join(out, "identifiers.json"), "w") as f:
+            json.dump(["<blank>"], f)
 
 
 def build_sudoku(csv_dir, out, subsample=None, num_aug=0, seed=0, min_rating=None):
@@ -521,6 +533,345 @@ def build_maze_builtin(out, num_train, num_test, size, min_path, aug=False, seed
     return out
 
 
+# ----------------------------------------------------------------------------- ARC-AGI
+
+ARC_SIZE = 30  # every grid sits on a 30 x 30 canvas: 900 tokens
+ARC_EOS = 1  # tokens: PAD 0, EOS 1 (the row below and the column right of a grid), colour c: c + 2
+AUG_SEPARATOR = "|||"  # an augmented puzzle's name: "<name>|||t<symmetry>|||<colour map>"
+ARC_RETRIES = 5  # augmentation draws per augmentation wanted before settling for fewer
+
+
+def arc_grid(grid, where):
+    """An ARC grid (a list of rows of colours 0..9, at most 30 x 30) as uint8; anything else
+    is an error naming `where`."""
+    try:
+        a = np.array(grid)
+    except ValueError:
+        a = np.zeros(0)
+    if a.ndim != 2 or a.size == 0 or a.dtype.kind not in "iu":
+        raise ValueError(f"{where}: not a rectangular grid of integers")
+    if max(a.shape) > ARC_SIZE:
+        raise ValueError(f"{where}: a {a.shape[0]}x{a.shape[1]} grid, larger than 30x30")
+    if a.min() < 0 or a.max() > 9:
+        raise ValueError(
+            f"{where}: colours {sorted(set(np.unique(a).tolist()) - set(range(10)))} outside 0..9"
+        )
+    return a.astype(np.uint8)
+
+
+def grid_hash(grid):
+    """A grid's identity (shape and colours) as the reference hashes it."""
+    return hashlib.sha256(bytes(grid.shape) + grid.tobytes()).hexdigest()
+
+
+def arc_tokens(grid, corner):
+    """900 tokens of a grid placed at `corner` (row, column) of the canvas, closed by EOS
+    below and to the right (where the canvas has room)."""
+    (r, c), (h, w) = corner, grid.shape
+    canvas = np.zeros((ARC_SIZE, ARC_SIZE), np.uint8)
+    canvas[r : r + h, c : c + w] = grid + 2
+    if r + h < ARC_SIZE:
+        canvas[r + h, c : c + w] = ARC_EOS
+    if c + w < ARC_SIZE:
+        canvas[r : r + h, c + w] = ARC_EOS
+    return canvas.reshape(-1)
+
+
+def arc_augmentation(name, rng):
+    """(augmented name, grid -> grid): a random symmetry (dihedral) after a random
+    permutation of the colours 1..9 (black stays black)."""
+    t = int(rng.randint(0, 8))
+    colours = np.concatenate([[0], rng.permutation(np.arange(1, 10, dtype=np.uint8))])
+    colours = colours.astype(np.uint8)
+    aug_name = AUG_SEPARATOR.join([name, f"t{t}", "".join(map(str, colours))])
+    return aug_name, lambda grid: dihedral(colours[grid], t)
+
+
+def arc_undo(name):
+    """(original name, grid -> grid) that maps an augmented puzzle's grid back."""
+    if AUG_SEPARATOR not in name:
+        return name, lambda grid: grid
+    original, t, colours = name.rsplit(AUG_SEPARATOR, 2)
+    inverse_t = (0, 3, 2, 1, 4, 5, 6, 7)[int(t[1:])]  # rotations by 90 and 270 swap
+    inverse_colours = np.argsort([int(c) for c in colours]).astype(np.uint8)
+    return original, lambda grid: inverse_colours[dihedral(grid, inverse_t)]
+
+
+def read_arc_subset(prefix, subset, dummy_solutions=False):
+    """{puzzle name: {"train": [pairs], "test": [pairs]}} of `<prefix>_<subset>_challenges.json`
+    with the test outputs from `..._solutions.json`; without that file, an error, or with
+    `dummy_solutions` a 1x1 black output for every test input (the reference's fallback for
+    hidden test sets: the scores are then meaningless, the submission is not)."""
+    path = f"{prefix}_{subset}_challenges.json"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No ARC challenges file {path}")
+    with open(path) as f:
+        puzzles = json.load(f)
+    solutions_path = f"{prefix}_{subset}_solutions.json"
+    if os.path.exists(solutions_path):
+        with open(solutions_path) as f:
+            solutions = json.load(f)
+        for name, puzzle in puzzles.items():
+            if len(solutions.get(name, ())) != len(puzzle["test"]):
+                raise ValueError(
+                    f"{solutions_path}: {len(solutions.get(name, ()))} solutions for puzzle "
+                    f"{name}, which has {len(puzzle['test'])} test inputs"
+                )
+            for pair, output in zip(puzzle["test"], solutions[name], strict=True):
+                pair["output"] = output
+    elif dummy_solutions:
+        for puzzle in puzzles.values():
+            for pair in puzzle["test"]:
+                pair.setdefault("output", [[0]])
+    else:
+        raise FileNotFoundError(
+            f"No ARC solutions file {solutions_path} (--dummy_solutions scores a hidden test "
+            "set against 1x1 black grids, for its submission.json only)"
+        )
+    return puzzles
+
+
+def arc_variants(name, puzzle, test_split, num_aug, rng):
+    """The puzzle and up to num_aug distinct augmentations of it, each {split: (name,
+    [(input, output), ...])}: its demonstration pairs go to the train split, its test pairs
+    to `test_split`. An augmentation that repeats one already drawn (same pairs, in any
+    order) is drawn again, at most ARC_RETRIES * num_aug draws in all."""
+    examples = {"train": [], test_split: []}
+    for kind, pairs in puzzle.items():  # in the file's order, which sets the examples' order
+        if kind not in ("train", "test"):
+            raise ValueError(f"ARC puzzle {name}: a key {kind!r}, expected 'train' and 'test'")
+        split = "train" if kind == "train" else test_split
+        for i, pair in enumerate(pairs):
+            where = f"ARC puzzle {name}, {kind} pair {i}"
+            examples[split].append(
+                (
+                    arc_grid(pair["input"], f"{where} input"),
+                    arc_grid(pair["output"], f"{where} output"),
+                )
+            )
+
+    def identity(pairs):  # order-free hash of every pair of every split
+        hashes = sorted(f"{grid_hash(a)}|{grid_hash(b)}" for v in pairs.values() for a, b in v)
+        return hashlib.sha256("|".join(hashes).encode()).hexdigest()
+
+    variants, seen = [{s: (name, v) for s, v in examples.items()}], {identity(examples)}
+    for _ in range(ARC_RETRIES * num_aug if num_aug else 0):
+        aug_name, fn = arc_augmentation(name, rng)
+        pairs = {s: [(fn(a), fn(b)) for a, b in v] for s, v in examples.items()}
+        if identity(pairs) not in seen:
+            seen.add(identity(pairs))
+            variants.append({s: (aug_name, v) for s, v in pairs.items()})
+        if len(variants) > num_aug:
+            break
+    if len(variants) <= num_aug:
+        logging.info(
+            "ARC puzzle %s: %d distinct augmentations of %d", name, len(variants) - 1, num_aug
+        )
+    return variants
+
+
+def build_arc(
+    prefix, out, subsets, test_sets, num_aug=1000, seed=42, dummy_solutions=False, first_id=1
+):
+    """ARC-AGI in the reference layout, the same arrays, dataset.json, identifiers.json and
+    test_puzzles.json as the official dataset/build_arc_dataset.py for the same JSON files,
+    subsets and seed (one numpy RandomState draws in the same order).
+
+    Puzzles of a subset in `test_sets` train on their demonstration pairs and are tested on
+    their test pairs; other subsets train on both. Each puzzle is a group of itself and its
+    augmentations (arc_variants), each with its own puzzle id (from first_id, in order of
+    appearance, train split first). Training examples are placed on the canvas at a random
+    offset, but for one random example of each puzzle; test examples at the corner.
+    """
+    rng = np.random.RandomState(seed)
+    groups, test_puzzles = {"train": [], "test": []}, {}
+    for subset in subsets:
+        puzzles = list(read_arc_subset(prefix, subset, dummy_solutions).items())
+        rng.shuffle(puzzles)
+        for name, puzzle in puzzles:
+            test_split = "test" if subset in test_sets else "train"
+            if test_split == "test":
+                test_puzzles[name] = puzzle
+            variants = arc_variants(name, puzzle, test_split, num_aug, rng)
+            for split in dict.fromkeys(("train", test_split)):
+                groups[split].append([v[split] for v in variants])
+    ids = {}
+    for split in ("train", "test"):
+        for group in groups[split]:
+            for name, _ in group:
+                ids.setdefault(name, first_id + len(ids))
+    num_ids = first_id + len(ids)
+    logging.info("ARC: %d puzzles, %d puzzle ids", len(groups["train"]), num_ids)
+    for split in ("train", "test"):
+        if groups[split]:
+            _write_arc_split(out, split, groups[split], ids, num_ids, rng)
+    with open(os.path.join(out, "identifiers.json"), "w") as f:
+        json.dump(["<blank>"] * first_id + list(ids), f)
+    with open(os.path.join(out, "test_puzzles.json"), "w") as f:
+        json.dump(test_puzzles, f)
+    return out
+
+
+def _write_arc_split(out, split, groups, ids, num_ids, rng):
+    """One split's arrays, written into memory-mapped files (a full ARC build holds millions
+    of examples)."""
+    os.makedirs(os.path.join(out, split), exist_ok=True)
+    puzzles = [p for g in groups for p in g]
+    count = sum(len(pairs) for _, pairs in puzzles)
+    rows = {
+        k: np.lib.format.open_memmap(
+            os.path.join(out, split, f"all__{k}.npy"), "w+", np.uint8, (count, ARC_SIZE**2)
+        )
+        for k in ("inputs", "labels")
+    }
+    i = 0
+    for _, pairs in puzzles:
+        fixed = rng.randint(0, len(pairs))  # the one example left at the corner
+        for j, (a, b) in enumerate(pairs):
+            corner = (0, 0)
+            if split == "train" and j != fixed:
+                corner = tuple(
+                    rng.randint(0, ARC_SIZE - max(a.shape[k], b.shape[k]) + 1) for k in (0, 1)
+                )
+            rows["inputs"][i], rows["labels"][i] = arc_tokens(a, corner), arc_tokens(b, corner)
+            i += 1
+    for m in rows.values():
+        m.flush()
+    sizes = [len(pairs) for _, pairs in puzzles]
+    arrays = {
+        "puzzle_identifiers": np.array([ids[name] for name, _ in puzzles], np.int32),
+        "puzzle_indices": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32),
+        "group_indices": np.concatenate([[0], np.cumsum([len(g) for g in groups])]).astype(
+            np.int32
+        ),
+    }
+    meta = dict(
+        pad_id=PAD,
+        ignore_label_id=0,
+        blank_identifier_id=BLANK_ID,
+        vocab_size=12,
+        seq_len=ARC_SIZE**2,
+        num_puzzle_identifiers=num_ids,
+        total_groups=len(groups),
+        mean_puzzle_examples=count / len(puzzles),
+        total_puzzles=len(puzzles),
+        sets=["all"],
+    )
+    _save_split(out, split, arrays, meta, identifiers=False)
+
+
+ARC_PASS_KS = (1, 2, 5, 10, 100, 1000)
+
+
+def arc_crop(tokens):
+    """The grid an answer row holds, as the reference reads it: the largest rectangle at the
+    canvas's top-left corner with only colours in it (no PAD, no EOS), colours 0..9."""
+    colour = (tokens.reshape(ARC_SIZE, ARC_SIZE) >= 2) & (tokens.reshape(ARC_SIZE, ARC_SIZE) < 12)
+    run = np.where(colour.all(1), ARC_SIZE, np.argmin(colour, 1))  # colours from column 0
+    width = np.minimum.accumulate(run)  # the widest rectangle of rows 0..r
+    area = width * np.arange(1, ARC_SIZE + 1)
+    h = int(np.argmax(area)) + 1 if area.max() > 0 else 0
+    return (tokens.reshape(ARC_SIZE, ARC_SIZE)[:h, : width[h - 1] if h else 0] - 2).astype(np.uint8)
+
+
+class ArcVotes:
+    """ARC scoring by votes across augmentations, as the reference's evaluator: each
+    prediction is cropped, mapped back through its puzzle's augmentation and counted as a vote
+    for that grid on its test input; a test input's candidates rank by votes, then by the mean
+    sigmoid(q_halt) of their voters; pass@K counts a test input solved when the right grid
+    is among the top K, averaged over a puzzle's test inputs, then over puzzles."""
+
+    def __init__(self, data_dir):
+        with open(os.path.join(data_dir, "identifiers.json")) as f:
+            self.names = json.load(f)
+        path = os.path.join(data_dir, "test_puzzles.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"No {path}: ARC scoring needs a dataset from data.py arc")
+        with open(path) as f:
+            self.test_puzzles = json.load(f)
+        self.grids = {}  # grid hash -> grid
+        self.votes = {}  # puzzle name -> input hash -> [(answer hash, sigmoid(q_halt))]
+
+    def add(self, puzzle_identifiers, inputs, preds, q_halt_logits):
+        """One batch (numpy): rows with the blank puzzle id are padding and left out."""
+        q = 1 / (1 + np.exp(-np.asarray(q_halt_logits, np.float64)))
+        for i in np.flatnonzero(np.asarray(puzzle_identifiers) != BLANK_ID):
+            name, undo = arc_undo(self.names[puzzle_identifiers[i]])
+            answer = undo(arc_crop(np.asarray(preds[i])))
+            key = grid_hash(answer)
+            self.grids[key] = answer
+            by_input = self.votes.setdefault(name, {})
+            by_input.setdefault(grid_hash(undo(arc_crop(np.asarray(inputs[i])))), []).append(
+                (key, float(q[i]))
+            )
+
+    def result(self, pass_ks=ARC_PASS_KS, attempts=2):
+        """({"pass@K": fraction of test puzzles}, Kaggle submission {name: [{"attempt_1":
+        grid, ...} per test input]}). A test input without any vote counts as unsolved and
+        has no submission entry, as in the reference."""
+        solved, submission = np.zeros(len(pass_ks)), {}
+        for name, puzzle in self.test_puzzles.items():
+            submission[name], per_input = [], np.zeros(len(pass_ks))
+            for i, pair in enumerate(puzzle["test"]):
+                where = f"test_puzzles.json, {name} test pair {i}"
+                answer = grid_hash(arc_grid(pair["output"], f"{where} output"))
+                tally = {}  # answer hash -> [votes, summed q], in order of first vote
+                for key, q in self.votes.get(name, {}).get(
+                    grid_hash(arc_grid(pair["input"], f"{where} input")), ()
+                ):
+                    tally.setdefault(key, [0, 0.0])
+                    tally[key][0] += 1
+                    tally[key][1] += q
+                if not tally:
+                    logging.warning("ARC puzzle %s test input %d: no predictions", name, i)
+                    continue
+                ranked = sorted(
+                    tally, key=lambda k: (tally[k][0], tally[k][1] / tally[k][0]), reverse=True
+                )
+                per_input += [answer in ranked[:k] for k in pass_ks]
+                top = [self.grids[k].tolist() for k in ranked[:attempts]]
+                top += top[:1] * (attempts - len(top))
+                submission[name].append({f"attempt_{j + 1}": g for j, g in enumerate(top)})
+            solved += per_input / len(puzzle["test"])
+        scores = {
+            f"pass@{k}": s / max(len(self.test_puzzles), 1)
+            for k, s in zip(pass_ks, solved, strict=True)
+        }
+        return scores, submission
+
+
+def arc_score(data_dir, predictions, out):
+    """pass@K of saved predictions (an .npz with the arrays the reference's evaluator gets:
+    inputs, puzzle_identifiers, preds, q_halt_logits) on an ARC dataset; writes
+    <out>/submission.json."""
+    with np.load(predictions) as f:
+        missing = [
+            k for k in ("inputs", "puzzle_identifiers", "preds", "q_halt_logits") if k not in f
+        ]
+        if missing:
+            raise ValueError(
+                f"{predictions}: no array {', '.join(missing)} (it has {', '.join(f.files)})"
+            )
+        arrays = {k: f[k] for k in f.files}
+    votes = ArcVotes(data_dir)
+    num_ids = len(votes.names)
+    bad = arrays["puzzle_identifiers"][
+        (arrays["puzzle_identifiers"] < 0) | (arrays["puzzle_identifiers"] >= num_ids)
+    ]
+    if len(bad):
+        raise ValueError(
+            f"{predictions}: puzzle ids {bad[:5].tolist()} outside the dataset's 0..{num_ids - 1}"
+        )
+    votes.add(
+        arrays["puzzle_identifiers"], arrays["inputs"], arrays["preds"], arrays["q_halt_logits"]
+    )
+    scores, submission = votes.result()
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "submission.json"), "w") as f:
+        json.dump(submission, f)
+    return scores
+
+
 # ----------------------------------------------------------------------------- loading, batches
 
 
@@ -710,7 +1061,7 @@ def eval_batches(ds, batch_size, max_examples=None, rows=slice(None)):
 # ----------------------------------------------------------------------------- command line
 
 
-COMMANDS = ("sudoku", "builtin", "maze", "maze_builtin")
+COMMANDS = ("sudoku", "builtin", "maze", "maze_builtin", "arc", "arc_score")
 
 
 def main(argv):
@@ -725,7 +1076,20 @@ def main(argv):
 
 
 def build(what, F):
-    if what == "builtin":
+    if what == "arc":
+        if not F.input_file_prefix:
+            raise app.UsageError("arc needs --input_file_prefix=P (P_<subset>_challenges.json)")
+        seed = F.seed if F["seed"].present else 42  # the official builder's default
+        build_arc(
+            F.input_file_prefix, F.out, F.subsets, F.test_set_name, F.num_aug, seed,
+            F.dummy_solutions,
+        )  # fmt: skip
+    elif what == "arc_score":
+        if not (F.data and F.predictions):
+            raise app.UsageError("arc_score needs --data=DATASET and --predictions=PRED.npz")
+        scores = arc_score(F.data, F.predictions, F.out)
+        print(" ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    elif what == "builtin":
         build_builtin(F.out, F.num_train, F.num_test, F.min_blanks, F.max_blanks, F.num_aug, F.seed)
     elif what == "maze_builtin":
         build_maze_builtin(F.out, F.num_train, F.num_test, F.size, F.min_path, F.aug, F.seed)
@@ -742,9 +1106,9 @@ def build(what, F):
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("out", None, "output dataset folder", required=True)
+    flags.DEFINE_string("out", None, "output folder (arc_score: of submission.json)", required=True)
     flags.DEFINE_integer("num_aug", 0, "augmented variants per training puzzle")
-    flags.DEFINE_integer("seed", 0, "seed of the subsample, augmentations and generator")
+    flags.DEFINE_integer("seed", 0, "seed of the subsample, augmentations, generator (arc: 42)")
     flags.DEFINE_string("csv_dir", None, "sudoku, maze: folder with the official train/test.csv")
     flags.DEFINE_bool("download", False, "sudoku, maze: fetch the CSVs with huggingface_hub")
     flags.DEFINE_integer("subsample", None, "sudoku, maze: training puzzles kept")
@@ -756,4 +1120,12 @@ if __name__ == "__main__":
     flags.DEFINE_bool("aug", False, "maze, maze_builtin: add each training maze's 8 symmetries")
     flags.DEFINE_integer("size", 15, "maze_builtin: grid side (the official mazes: 30)")
     flags.DEFINE_integer("min_path", 20, "maze_builtin: fewest steps from S to G (difficulty)")
+    flags.DEFINE_string("input_file_prefix", None, "arc: P of P_<subset>_challenges.json")
+    flags.DEFINE_list("subsets", ["training", "evaluation", "concept"], "arc: subsets, in order")
+    flags.DEFINE_list("test_set_name", ["evaluation"], "arc: subsets whose test pairs test")
+    flags.DEFINE_bool("dummy_solutions", False, "arc: 1x1 answers where no solutions file")
+    flags.DEFINE_string("data", None, "arc_score: the dataset folder from data.py arc")
+    flags.DEFINE_string(
+        "predictions", None, "arc_score: .npz of inputs, puzzle_identifiers, preds, q_halt_logits"
+    )
     app.run(main)

@@ -338,3 +338,149 @@ def test_train_py_builtin_mazes(tmp_path):
     seen = {bytes(x) for x in np.asarray(train_ds["inputs"])[::8]}  # each maze as drawn
     assert not any(bytes(x) in seen for x in np.asarray(test_ds["inputs"]))
     assert [p.name for p in tmp_path.iterdir()] == ["maze-builtin-10-6-7-4-1-s0"]
+
+
+# ----------------------------------------------------------------------------- ARC-AGI
+
+ARC = ROOT / "tests" / "testdata" / "arc_tiny"
+ARC_KEYS = ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "group_indices")
+
+
+@pytest.mark.parametrize("num_aug", [0, 3])
+def test_arc_builder_writes_what_the_official_builder_writes(tmp_path, num_aug):
+    """data.py arc on tests/testdata/arc_tiny's made-up puzzles (three subsets, one the test
+    set; a 30x30 grid, a 1x1 grid, a puzzle whose augmentations all repeat, test pairs listed
+    before the demonstrations) gives the arrays, dataset.json, identifiers.json and
+    test_puzzles.json that the official dataset/build_arc_dataset.py wrote for them with seed
+    42 (tests/testdata/README.md)."""
+    golden = np.load(ARC / "official.npz")
+    metas = json.loads((ARC / "official.json").read_text())
+    data.build_arc(
+        str(ARC / "arc-tiny"), str(tmp_path), ["training", "evaluation", "concept"],
+        ["evaluation"], num_aug=num_aug, seed=42,
+    )  # fmt: skip
+    for split in ("train", "test"):
+        for key in ARC_KEYS:
+            ours = np.load(tmp_path / split / f"all__{key}.npy")
+            theirs = golden[f"aug{num_aug}/{split}/{key}"]
+            assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, (split, key)
+            assert (ours == theirs).all(), (split, key)
+        meta = json.loads((tmp_path / split / "dataset.json").read_text())
+        assert meta == metas[f"aug{num_aug}/{split}"]
+    for name in ("identifiers", "test_puzzles"):
+        ours = json.loads((tmp_path / f"{name}.json").read_text())
+        assert ours == metas[f"aug{num_aug}/{name}"], name
+    ds = data.load([str(tmp_path)], "train")  # and trmx reads it
+    assert ds["meta"]["num_puzzle_identifiers"] == len(metas[f"aug{num_aug}/identifiers"])
+
+
+def forward(name, grid):
+    """A grid of the original puzzle as its augmented copy `name` shows it."""
+    if data.AUG_SEPARATOR not in name:
+        return grid
+    _, t, colours = name.split(data.AUG_SEPARATOR)
+    return data.dihedral(np.array([int(c) for c in colours], np.uint8)[grid], int(t[1:]))
+
+
+def test_arc_augmentations_are_undone_and_answers_cropped():
+    rng = np.random.RandomState(0)
+    grid = np.arange(12, dtype=np.uint8).reshape(3, 4) % 10
+    for _ in range(20):
+        name, fn = data.arc_augmentation("p", rng)
+        assert (forward(name, grid) == fn(grid)).all()
+        original, undo = data.arc_undo(name)
+        assert original == "p" and (undo(fn(grid)) == grid).all()
+    # An answer at the corner, closed by EOS, is read back; so is a 30x30 one (no EOS).
+    assert (data.arc_crop(data.arc_tokens(grid, (0, 0))) == grid).all()
+    full = np.ones((30, 30), np.uint8)
+    assert (data.arc_crop(data.arc_tokens(full, (0, 0))) == full).all()
+    # A PAD in row 1 at column 2: the largest all-colour top-left rectangle is 3 rows x 2.
+    tokens = data.arc_tokens(grid, (0, 0))
+    tokens[30 + 2] = data.PAD
+    assert data.arc_crop(tokens).shape == (3, 2)
+    assert data.arc_crop(np.zeros(900, np.uint8)).shape == (0, 0)
+
+
+def test_arc_votes_rank_by_count_then_mean_q_and_write_the_submission(tmp_path):
+    """Puzzle p (two test inputs, three copies each: itself and 2 augmentations) and puzzle q
+    (no predictions). Input A: the right grid gets 2 votes, a wrong one 1 (with a higher q):
+    solved at K=1. Input B: one vote each for a wrong grid (q 0.88), an empty answer (0.5)
+    and the right grid (0.12): solved from K=5 on. pass@K averages p's inputs, then the 2
+    puzzles; q has no submission entry."""
+    A, a, B, b = [[1, 2], [3, 4]], [[4, 3], [2, 1]], [[5]], [[6, 6]]
+    wrong_a, wrong_b = np.array([[7]], np.uint8), np.array([[6], [6]], np.uint8)
+    challenges = {
+        "p": {"train": [{"input": A, "output": a}], "test": [{"input": A}, {"input": B}]},
+        "q": {"train": [{"input": B, "output": b}], "test": [{"input": B}]},
+    }
+    (tmp_path / "x_ev_challenges.json").write_text(json.dumps(challenges))
+    (tmp_path / "x_ev_solutions.json").write_text(json.dumps({"p": [a, b], "q": [b]}))
+    out = tmp_path / "ds"
+    data.build_arc(str(tmp_path / "x"), str(out), ["ev"], ["ev"], num_aug=2, seed=0)
+    names = json.loads((out / "identifiers.json").read_text())
+    test = data.load([str(out)], "test")
+    right_a, right_b, empty = (
+        np.array(a, np.uint8),
+        np.array(b, np.uint8),
+        np.zeros((0, 0), np.uint8),
+    )
+    plan = {  # (test input, copy of p) -> (answer in the original colours, q_halt logit)
+        (0, 0): (wrong_a, 3.0), (0, 1): (right_a, -1.0), (0, 2): (right_a, -1.0),
+        (1, 0): (wrong_b, 2.0), (1, 1): (empty, 0.0), (1, 2): (right_b, -2.0),
+    }  # fmt: skip
+    rows = {"puzzle_identifiers": [], "inputs": [], "preds": [], "q_halt_logits": []}
+    copies = [
+        p
+        for p in range(len(test["puzzle_identifiers"]))
+        if names[test["puzzle_identifiers"][p]].startswith("p")
+    ]
+    for copy, p in enumerate(copies):
+        name = names[test["puzzle_identifiers"][p]]
+        for j, e in enumerate(range(test["puzzle_indices"][p], test["puzzle_indices"][p + 1])):
+            answer, q = plan[j, copy]
+            rows["puzzle_identifiers"].append(test["puzzle_identifiers"][p])
+            rows["inputs"].append(test["inputs"][e])
+            rows["preds"].append(data.arc_tokens(forward(name, answer), (0, 0)))
+            rows["q_halt_logits"].append(q)
+    np.savez(tmp_path / "pred.npz", **{k: np.array(v) for k, v in rows.items()})
+    scores = data.arc_score(str(out), str(tmp_path / "pred.npz"), str(tmp_path / "score"))
+    assert scores == {"pass@1": 0.25, "pass@2": 0.25, "pass@5": 0.5, "pass@10": 0.5,
+                      "pass@100": 0.5, "pass@1000": 0.5}  # fmt: skip
+    submission = json.loads((tmp_path / "score" / "submission.json").read_text())
+    assert submission == {
+        "p": [{"attempt_1": a, "attempt_2": wrong_a.tolist()},
+              {"attempt_1": wrong_b.tolist(), "attempt_2": []}],
+        "q": [],
+    }  # fmt: skip
+    rows.pop("q_halt_logits")
+    np.savez(tmp_path / "bad.npz", **{k: np.array(v) for k, v in rows.items()})
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "data.py"), "arc_score", f"--data={out}",
+         f"--predictions={tmp_path / 'bad.npz'}", f"--out={tmp_path}"],
+        check=False, capture_output=True, text=True, env=os.environ | {"JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert result.returncode == 1 and "no array q_halt_logits" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (
+            lambda c, s: c["p"]["train"][0].update(input=[[0] * 31]),
+            "a 1x31 grid, larger than 30x30",
+        ),
+        (lambda c, s: c["p"]["train"][0].update(output=[[10]]), r"colours \[10\] outside 0..9"),
+        (lambda c, s: c["p"]["train"][0].update(output=[[1], [1, 2]]), "not a rectangular grid"),
+        (lambda c, s: s.update(p=[]), "0 solutions for puzzle p, which has 1 test inputs"),
+        (lambda c, s: s.clear(), "No ARC solutions file .*--dummy_solutions"),
+    ],
+)
+def test_arc_builder_rejects_bad_json_naming_it(tmp_path, change, message):
+    challenges = {"p": {"train": [{"input": [[1]], "output": [[2]]}], "test": [{"input": [[3]]}]}}
+    solutions = {"p": [[[4]]]}
+    change(challenges, solutions)
+    (tmp_path / "x_ev_challenges.json").write_text(json.dumps(challenges))
+    if solutions:
+        (tmp_path / "x_ev_solutions.json").write_text(json.dumps(solutions))
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        data.build_arc(str(tmp_path / "x"), str(tmp_path / "out"), ["ev"], ["ev"], num_aug=1)
