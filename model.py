@@ -571,13 +571,16 @@ class TestTimeCompute:
     seed: int = 0
 
 
-def eval_sums(params, cfg: Config, carry, batch, ttc=None):
+def eval_sums(params, cfg: Config, carry, batch, ttc=None, outputs=False):
     """N_sup evaluation steps on a batch of b puzzles, run as K trajectories each (the carry
     has K * b rows, trajectory-major; trajectory 0 unperturbed). Returns sums over the
     puzzles with labels (not padding rows): the final step's metrics of trajectory 0, where
     its Q head would halt (the first step it says halt, else N_sup) and whether it is exact
     there, and after each step the exact hits of trajectory 0 and of the answers the first
-    k trajectories select for each k in ttc.trajectories (`select_trajectories`)."""
+    k trajectories select for each k in ttc.trajectories (`select_trajectories`).
+
+    outputs: also return trajectory 0's final answers per puzzle, {"preds": (b, S) token
+    ids, "q_halt_logits": (b,)}, what the ARC evaluator votes with."""
     ttc = ttc or TestTimeCompute()
     b, K = batch["inputs"].shape[0], max(ttc.trajectories)
     has_labels = (batch["labels"] != IGNORE_LABEL).any(-1)  # not a padding row
@@ -586,7 +589,7 @@ def eval_sums(params, cfg: Config, carry, batch, ttc=None):
     perturb = trajectory_noise(cfg, ttc, rows["index"], b) if K > 1 and ttc.noise else None
 
     def one_step(c, _):
-        carry, halt_at, exact_at = c
+        carry, halt_at, exact_at, _ = c
         _, (carry, metrics, out) = loss_fn(
             params, cfg, carry, rows, train=False, global_batch_size=1, counted=first,
             perturb=perturb,
@@ -597,15 +600,31 @@ def eval_sums(params, cfg: Config, carry, batch, ttc=None):
         exact_at = jnp.where(now, out["seq_correct"][:b], exact_at)
         chosen = select_trajectories(out, rows["labels"][:b], K, ttc.trajectories)
         hits = {k: jnp.sum(v & has_labels, -1) for k, v in chosen.items()}
-        return (carry, halt_at, exact_at), (metrics, hits)
+        answers = {
+            "preds": jnp.argmax(out["logits"][:b], -1).astype(jnp.int32),
+            "q_halt_logits": out["q_halt"][:b],
+        }
+        return (carry, halt_at, exact_at, answers), (metrics, hits)
 
-    start = (carry, jnp.zeros_like(carry["steps"][:b]), jnp.zeros_like(carry["halted"][:b]))
-    (_, halt_at, exact_at), (metrics, hits) = jax.lax.scan(one_step, start, length=cfg.N_sup)
+    answers = {  # zeros like the batch's rows (so, inside a shard_map, varying like them)
+        "preds": jnp.zeros_like(batch["inputs"], jnp.int32),
+        "q_halt_logits": jnp.zeros_like(batch["inputs"][:, 0], jnp.float32),
+    }
+    start = (
+        carry,
+        jnp.zeros_like(carry["steps"][:b]),
+        jnp.zeros_like(carry["halted"][:b]),
+        answers,
+    )
+    (_, halt_at, exact_at, answers), (metrics, hits) = jax.lax.scan(
+        one_step, start, length=cfg.N_sup
+    )
     adaptive = {
         "halted_exact_accuracy": jnp.sum(exact_at & has_labels),
         "halted_steps": jnp.sum(jnp.where(has_labels, halt_at, 0)),
     }
-    return jax.tree.map(lambda m: m[-1], metrics) | adaptive | hits
+    sums = jax.tree.map(lambda m: m[-1], metrics) | adaptive | hits
+    return (sums, answers) if outputs else sums
 
 
 def eval_metrics(sums, cfg: Config = None, ttc: TestTimeCompute = None):

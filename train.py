@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import signal
 import socket
 import sys
@@ -431,15 +432,22 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(cfg, mesh, ttc=None):
+def make_eval_step(cfg, mesh, ttc=None, outputs=False):
     """The jitted eval step, (params, batch) -> metric sums over the batch's puzzles
-    (model.eval_sums), data parallel over the mesh; ttc: the test-time compute."""
+    (model.eval_sums), data parallel over the mesh; ttc: the test-time compute. outputs:
+    (sums, each puzzle's final answer and q_halt logit), split over the mesh by rows."""
     ttc = ttc or model.TestTimeCompute()
     K, rows, whole = max(ttc.trajectories), P("data"), P()
 
-    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(whole, rows, rows), out_specs=whole)
+    @functools.partial(
+        jax.shard_map, mesh=mesh, in_specs=(whole, rows, rows),
+        out_specs=(whole, rows) if outputs else whole,
+    )  # fmt: skip
     def eval_dp(params, carry, batch):
-        return jax.lax.psum(model.eval_sums(params, cfg, carry, batch, ttc), "data")
+        if not outputs:
+            return jax.lax.psum(model.eval_sums(params, cfg, carry, batch, ttc), "data")
+        sums, answers = model.eval_sums(params, cfg, carry, batch, ttc, outputs=True)
+        return jax.lax.psum(sums, "data"), answers
 
     @jax.jit
     def eval_step(params, batch):
@@ -485,12 +493,23 @@ def eval_batch(o, mesh, ttc, num_eval=None):
     return data.eval_batch_size(max(1, min(requested, num_eval or requested)), mesh.size)
 
 
-def evaluate(eval_step, params, batches, to_global, cfg=None, ttc=None, say=None, num_batches=0):
+def evaluate(
+    eval_step, params, batches, to_global, cfg=None, ttc=None, say=None, num_batches=0,
+    votes=None,
+):  # fmt: skip
     """The eval step's sums over `batches`, as model.eval_metrics (under "eval/"). With
-    `say`, a long evaluation prints a progress line every half minute."""
+    `say`, a long evaluation prints a progress line every half minute. votes: a
+    data.ArcVotes that process 0 gives every puzzle's answer (the eval step's outputs)."""
     total, t0, shown = None, time.time(), time.time()
-    for i, batch in enumerate(batches):
-        sums = eval_step(params, to_global(batch))
+    for i, local_batch in enumerate(batches):
+        batch = to_global(local_batch)
+        sums = eval_step(params, batch)
+        if votes is not None:
+            sums, answers = sums
+            rows = [batch["puzzle_identifiers"], batch["inputs"], *answers.values()]
+            rows = [multihost_utils.process_allgather(x, tiled=True) for x in rows]
+            if jax.process_index() == 0:
+                votes.add(*rows)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
         if say and time.time() - shown > 30:
             jax.block_until_ready(total)
@@ -621,11 +640,12 @@ class Run:
         return curriculum(self.o, self.cfg, step)
 
 
-def setup(o, meta, mesh, num_eval=None, platform=None) -> Run:
+def setup(o, meta, mesh, num_eval=None, platform=None, arc=False) -> Run:
     """The model, the optimiser, the run's length and the jitted steps, from the flags `o`,
     the training split's metadata (data.load(...)["meta"]), the number of test examples an
     evaluation runs (None: unknown) and a mesh: what train.py runs and what bench.py --aot
-    compiles for a TPU slice (`platform`: the one compiled for)."""
+    compiles for a TPU slice (`platform`: the one compiled for). arc: the eval step also
+    returns each puzzle's answer, for ARC's votes."""
     B = o.global_batch_size
     if B % mesh.size:  # every training row counts in the loss: no padding rows here
         hosts = len({d.process_index for d in mesh.devices.flat})
@@ -671,8 +691,21 @@ def setup(o, meta, mesh, num_eval=None, platform=None) -> Run:
 
     return Run(
         o, cfg, eval_cfg, ttc, B, eval_batch(o, mesh, ttc, num_eval), tx, lr, examples_per_epoch,
-        total_steps, eval_every, num_steps, train_step_for, make_eval_step(eval_cfg, mesh, ttc),
+        total_steps, eval_every, num_steps, train_step_for,
+        make_eval_step(eval_cfg, mesh, ttc, outputs=arc),
     )  # fmt: skip
+
+
+def arc_dataset(o):
+    """The ARC dataset evaluations score (one with test_puzzles.json, from data.py arc), or
+    None."""
+    arc = [p for p in o.data_paths if os.path.exists(os.path.join(p, "test_puzzles.json"))]
+    if arc and len(o.data_paths) > 1:
+        raise UserError(
+            f"--data_paths={','.join(o.data_paths)}: ARC scoring reads one dataset's puzzle "
+            f"ids; {arc[0]} is an ARC dataset, give it alone"
+        )
+    return arc[0] if arc else None
 
 
 def load_data(o, is_main):
@@ -718,6 +751,7 @@ class Job:
     write: object  # write(step, metrics) to the run directory
     ckpt_dir: str | None
     watch: ckpt.PeerWatch | None  # several processes: ends this one when another is lost
+    arc: str | None = None  # an ARC dataset's folder: evaluations score pass@K (data.ArcVotes)
 
     @property
     def o(self):  # the flags the Run was set up with
@@ -763,15 +797,30 @@ def run_eval(job, state, step, weights=None, prefix="eval"):
     puzzle = {k: v for k, v in state["params"].items() if k == "puzzle_emb"}
     rows = data.process_rows(job.rows, run.eval_batch_size)
     batches = data.eval_batches(job.test_ds, run.eval_batch_size, o.eval_max_examples, rows)
+    votes = data.ArcVotes(job.arc) if job.arc else None
     log = evaluate(
         run.eval_step, weights | puzzle | state["buffers"], batches, job.to_global, run.eval_cfg,
-        run.ttc, job.say, num_batches=-(-job.num_eval // run.eval_batch_size),
+        run.ttc, job.say, num_batches=-(-job.num_eval // run.eval_batch_size), votes=votes,
     )  # fmt: skip
     log = {k.replace("eval/", f"{prefix}/", 1): v for k, v in log.items()}
     for line in eval_lines(log, prefix, step, time.time() - t0, run.ttc):
         job.say(line)
+    if votes is not None and jax.process_index() == 0:
+        log |= arc_result(job, votes, step, prefix)
     job.write(step, log)
     return log
+
+
+def arc_result(job, votes, step, prefix):
+    """ARC pass@K of an evaluation's votes (logged as <prefix>/ARC/pass@K), and its Kaggle
+    submission written to --workdir/arc/<prefix>_step_<step>/submission.json."""
+    scores, submission = votes.result()
+    job.say(f"{prefix} ARC @ {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    if job.o.workdir:
+        name = f"arc/{prefix}_step_{step:08d}/submission.json"
+        ckpt.kvstore(job.o.workdir).write(name, json.dumps(submission).encode()).result()
+        job.say(f"wrote {job.o.workdir}/{name}")
+    return {f"{prefix}/ARC/{k}": float(v) for k, v in scores.items()}
 
 
 def run_evals(job, state, step):
@@ -955,7 +1004,8 @@ def start(o, say, ckpt_dir, watch):
     rows = NamedSharding(mesh, P("data"))
     train_ds, test_ds = load_data(o, is_main)
     num_eval = min(len(test_ds["inputs"]), o.eval_max_examples or len(test_ds["inputs"]))
-    run = setup(o, train_ds["meta"], mesh, num_eval)
+    arc = arc_dataset(o)
+    run = setup(o, train_ds["meta"], mesh, num_eval, arc=arc is not None)
     K, B = max(run.ttc.trajectories), run.batch_size
     if run.eval_batch_size * K != (o.eval_batch_size or B):
         per = f" x {K} trajectories" if K > 1 else ""
@@ -970,7 +1020,7 @@ def start(o, say, ckpt_dir, watch):
         f"env_{step:08d}.json": json.dumps(ckpt.environment(), indent=1),  # a resume may move
     }
     write, close = ckpt.open_workdir(o.workdir if is_main else None, files, resume_step=step)
-    job = Job(run, rows, test_ds, num_eval, say, write, ckpt_dir, watch)
+    job = Job(run, rows, test_ds, num_eval, say, write, ckpt_dir, watch, arc)
     say(
         f"{run.cfg}\n{model.num_params(state['params']):,} params | {run.num_steps} steps "
         f"({o.epochs} epochs of {run.examples_per_epoch} examples) | batch {B} on "

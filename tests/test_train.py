@@ -17,6 +17,7 @@ from absl.testing import flagsaver
 from jax.sharding import AxisType
 
 import bench
+import ckpt
 import data
 import ema
 import model
@@ -24,6 +25,7 @@ import train
 from helpers import (
     NAN_RUN,
     ROOT,
+    SMALL_MODEL,
     TESTDATA,
     TINY_RUN,
     assert_close,
@@ -336,3 +338,121 @@ def test_retain_host_memory_reuses_freed_pages():
         faults[mode] = int(out.stdout.split()[-1])
     # 256 MiB is 65536 pages of 4 KiB, or 128 of 2 MiB where transparent huge pages are on.
     assert faults["on"] < 16 and faults["off"] >= 128, faults
+
+
+# ----------------------------------------------------------------------------- ARC
+
+
+ARC_TINY = TESTDATA / "arc_tiny" / "arc-tiny"
+ARC_MODEL = {  # a D=16 attention model on ARC's 900 cells: 2 supervision steps of T=1, n=1
+    **SMALL_MODEL, "mlp_t": "false", "pos_encodings": "rope", "puzzle_emb_len": 1,
+}  # fmt: skip
+
+
+def arc_stand_in(tmp_path):
+    """An ARC dataset built from tests/testdata/arc_tiny (3 augmentations), a model config
+    for it, and a stand-in for an official checkpoint of that config: its state dict under
+    the reference's names (numpy), random weights and a random puzzle table (a zero one
+    would hide a wrong row mapping)."""
+    path = data.build_arc(
+        str(ARC_TINY), str(tmp_path / "arc"), ["training", "evaluation", "concept"],
+        ["evaluation"], num_aug=3, seed=42,
+    )  # fmt: skip
+    meta = data.load([path], "train")["meta"]
+    cfg = tiny(
+        seq_len=900, vocab_size=12, D=16, T=1, n=1, N_sup=2, mlp_t=False, pos_encodings="rope",
+        puzzle_emb_ndim=16, puzzle_emb_len=1, num_puzzle_identifiers=meta["num_puzzle_identifiers"],
+    )  # fmt: skip
+    params = model.init_params(jax.random.key(1), cfg)
+    params["puzzle_emb"] = jax.random.normal(jax.random.key(2), params["puzzle_emb"].shape)
+    state = {}
+    for path_, (key, transpose) in ckpt.reference_names(cfg).items():
+        value = np.asarray(ckpt._get(params, path_))
+        state[f"_orig_mod.model.{key}"] = value.T if transpose else value
+    return path, cfg, state
+
+
+def arc_votes_by_predict(path, cfg, params):
+    """pass@K and submission from model.predict on every test example in one batch: the
+    straightforward computation the evaluation's batched, sharded path must agree with."""
+    test = data.load([path], "test")
+    puzzle_of = np.searchsorted(test["puzzle_indices"], np.arange(len(test["inputs"])), "right")
+    ids = np.asarray(test["puzzle_identifiers"])[puzzle_of - 1]
+    logits, q_halt = model.predict(params, cfg, np.asarray(test["inputs"]), ids)
+    votes = data.ArcVotes(path)
+    votes.add(ids, np.asarray(test["inputs"]), np.argmax(logits, -1), np.asarray(q_halt))
+    return votes.result()
+
+
+def test_arc_evaluation_votes_with_every_answer_on_any_device_count(tmp_path):
+    """An official ARC checkpoint's weights (the stand-in, through ckpt.load_torch) scored by
+    the evaluation (eval step with outputs, gathered, padding rows dropped) on 1 and 3
+    devices in batches of 5 give the scores and submission of model.predict on all test
+    examples at once; the puzzle table's rows matter (zeroing it changes the answers)."""
+    path, cfg, state = arc_stand_in(tmp_path)
+    params = ckpt.load_torch(state, cfg)
+    expected = arc_votes_by_predict(path, cfg, params)
+    test = data.load([path], "test")
+    for n in (1, 3):
+        mesh = train.data_mesh(jax.devices()[:n])
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        B = data.eval_batch_size(5, n)
+        votes = data.ArcVotes(path)
+        log = train.evaluate(
+            train.make_eval_step(cfg, mesh, outputs=True), params,
+            data.eval_batches(test, B, None, data.process_rows(sharding, B)),
+            functools.partial(jax.device_put, device=sharding), votes=votes,
+        )  # fmt: skip
+        assert log["eval/count"] == len(test["inputs"])
+        assert votes.result() == expected, f"{n} devices"
+    blank = params | {"puzzle_emb": np.zeros_like(params["puzzle_emb"])}
+    assert arc_votes_by_predict(path, cfg, blank)[1] != expected[1]
+
+
+def test_arc_run_trains_evaluates_and_writes_a_submission(tmp_path):
+    """train.py on an ARC dataset (2 devices): every evaluation logs eval/ARC/pass@K and
+    writes a Kaggle submission.json with two attempts per test input of every test puzzle."""
+    path, _, _ = arc_stand_in(tmp_path)
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "train.py", f"--data_paths={path}", f"--workdir={workdir}"]
+    cmd += run_flags(ARC_MODEL, global_batch_size=8, epochs=2, eval_interval=1, log_every=2)
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    evals = [m for m in map(json.loads, (workdir / "metrics.jsonl").open()) if "eval/count" in m]
+    assert len(evals) == 2
+    for m in evals:
+        assert {f"eval/ARC/pass@{k}" for k in data.ARC_PASS_KS} <= set(m)
+        assert 0 <= m["eval/ARC/pass@1"] <= m["eval/ARC/pass@2"] <= m["eval/ARC/pass@1000"] <= 1
+        submission = json.loads(
+            (workdir / "arc" / f"eval_step_{m['step']:08d}" / "submission.json").read_text()
+        )
+        puzzles = json.loads((tmp_path / "arc" / "test_puzzles.json").read_text())
+        assert submission.keys() == puzzles.keys()
+        for name, answers in submission.items():
+            assert len(answers) == len(puzzles[name]["test"])
+            for attempts in answers:
+                assert attempts.keys() == {"attempt_1", "attempt_2"}
+                for grid in attempts.values():  # a grid of colours (or empty: nothing read)
+                    assert all(len(r) == len(grid[0]) and set(r) <= set(range(10)) for r in grid)
+    assert "eval ARC @" in out.stdout
+
+
+def test_official_arc_checkpoint_file_is_evaluated_with_init_from(tmp_path):
+    """--eval_only --init_from=<the stand-in saved by torch.save>: the logged pass@K and the
+    submission are model.predict's on those weights. Needs torch (not a trmx dependency)."""
+    torch = pytest.importorskip("torch")
+    path, cfg, state = arc_stand_in(tmp_path)
+    torch.save({k: torch.tensor(v) for k, v in state.items()}, tmp_path / "step_1000")
+    scores, submission = arc_votes_by_predict(path, cfg, ckpt.load_torch(state, cfg))
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "train.py", f"--data_paths={path}", f"--workdir={workdir}"]
+    cmd += ["--eval_only", f"--init_from={tmp_path / 'step_1000'}", "--eval_batch_size=7"]
+    cmd += run_flags(ARC_MODEL)
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", JAX_PLATFORMS="cpu")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (m,) = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+    assert {k: m[f"eval/ARC/{k}"] for k in scores} == scores
+    written = json.loads((workdir / "arc" / "eval_step_00000000" / "submission.json").read_text())
+    assert written == submission
