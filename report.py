@@ -12,12 +12,13 @@ compared with. What is written to --out:
   RESULTS.md           the tables: every run; each group beside the baseline; the T x n grid;
                        exact accuracy after each supervision step; test-time compute (steps x
                        trajectories); the compute-accuracy front;
-                       power-law fits; the runs' hardware and versions (their env_*.json)
+                       power-law fits; ARC's pass@K; the runs' hardware and versions
   curves.png           train loss, train and eval exact accuracy against step, per group
   groups.png           final eval exact accuracy of each run, group by group
   heatmap_T_n.png      exact accuracy over T x n, for a group that varies both
   per_step.png         exact accuracy after each supervision step at evaluation
   test_time.png        exact accuracy of K test-time trajectories against forward FLOPs per puzzle
+  arc.png              ARC runs: pass@K against K (last evaluation), pass@2 against step
   frontier.png         exact accuracy against forward FLOPs per solved puzzle, the Pareto front
   scaling_GROUP.png    error against training puzzles / params / batch, log-log, with its fit
 
@@ -410,7 +411,51 @@ def plots(runs, groups, out):
         ax.set(xlabel=SCALING[var], ylabel="1 - exact accuracy", title=name)
         ax.legend(fontsize=8)
         save(fig, f"scaling_{name}.png")
+    arc_runs = [r for r in runs if arc_evals(r)]
+    if arc_runs:
+        save(arc_plot(arc_runs, plt), "arc.png")
     return written
+
+
+def arc_evals(run):
+    """A run's evaluations that scored ARC (eval/ARC/pass@K), in step order."""
+    return [m for m in run["metrics"] if "eval/ARC/pass@1" in m]
+
+
+def pass_at(m):
+    """{K: pass@K} of one ARC evaluation."""
+    keys = [k for k in m if k.startswith("eval/ARC/pass@")]
+    return {
+        int(k.rsplit("@", 1)[1]): m[k] for k in sorted(keys, key=lambda k: int(k.split("@")[1]))
+    }
+
+
+def arc_plot(runs, plt):
+    """pass@K against K at each run's last evaluation, and pass@2 (the ARC-AGI score)
+    against step."""
+    fig, (by_k, by_step) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in runs:
+        evals = arc_evals(r)
+        last = pass_at(evals[-1])
+        by_k.plot(list(last), list(last.values()), "o-", label=r["name"])
+        by_step.plot([m["step"] for m in evals], [m["eval/ARC/pass@2"] for m in evals], "o-")
+    by_k.set(xscale="log", xlabel="K (answers submitted per test input)", ylabel="pass@K")
+    by_k.set_title("ARC pass@K, last evaluation")
+    by_step.set(xlabel="step", ylabel="pass@2", title="ARC pass@2 (the ARC-AGI score)")
+    by_k.legend(fontsize=7)
+    return fig
+
+
+def arc_md(runs):
+    """The ARC table: pass@K at each ARC run's last evaluation."""
+    rows = []
+    for r in runs:
+        evals = arc_evals(r)
+        if evals:
+            scores = pass_at(evals[-1])
+            rows.append([r["name"], evals[-1]["step"], *(fmt(v) for v in scores.values())])
+            header = ["run", "step", *(f"pass@{k}" for k in scores)]
+    return ["\n## ARC: pass@K (votes across augmentations)\n", table(header, rows)] if rows else []
 
 
 def t_n_grids(groups):
@@ -609,6 +654,7 @@ def results_md(runs, groups, images):
         ]
         md.append(table(["group", "x", "runs", "a", "b (exponent)", "R^2"], rows))
 
+    md.extend(arc_md(runs))
     md.append("\n## Plots\n")
     md.extend(f"![{name}]({name})\n" for name in images)
 

@@ -3,6 +3,7 @@
 #
 #   ./run_all.sh phase2                    # E2.x at paper scale into runs/ (all: every phase)
 #   ./run_all.sh e2_2_t_n_grid             # one experiment (configs/NAME.flags), all its points
+#   ./run_all.sh tasks                     # Maze-Hard, ARC-AGI-1, ARC-AGI-2 (the data built first)
 #   ./run_all.sh --dry_run all             # print the commands only
 #   ./run_all.sh --mini phase2             # the CPU mini-study (configs/mini.flags), runs/mini
 #   ./run_all.sh --smoke all               # every experiment, 5 steps at a tiny size (CI)
@@ -52,6 +53,7 @@ phase1=(sudoku_mlp e4_5_test_time e1_3_batch)
 phase2=(e2_1_ema_off e2_2_t_n_grid e2_3_attention e2_4_n_sup)
 phase3=(e3_1_model_size e3_2_data_size e3_3_augmentation e3_4_lr_vs_batch)
 phase4=(e4_1_curriculum e4_2_halting e4_3_precision e4_4_checkpoint_avg)
+tasks=(maze_hard arc1 arc2)  # the paper's other benchmarks, each its own flagfile
 roadmap=" ${phase1[*]} ${phase2[*]} ${phase3[*]} ${phase4[*]} "
 
 die() { echo "run_all.sh: $*" >&2; exit 2; }
@@ -80,7 +82,7 @@ while (($#)); do
   esac
   shift
 done
-((${#targets[@]})) || die "name a phase (phase1..phase4, all) or an experiment (configs/*.flags)"
+((${#targets[@]})) || die "name a phase (phase1..phase4, all, tasks) or an experiment (configs/*.flags)"
 [[ "$max_restarts" =~ ^[0-9]+$ ]] || die "--max_restarts=$max_restarts: a count, >= 0"
 [[ -z "$aot" || ( $mode == paper && -z "$tpu" ) ]] || die "--aot compiles the paper runs here"
 [[ -z "$aot" || -n "$runs" ]] || runs="runs/aot-$aot"
@@ -90,7 +92,8 @@ for t in "${targets[@]}"; do
   case "$t" in
     phase[1-4]) n="phase${t#phase}[@]"; experiments+=("${!n}") ;;
     all) experiments+=("${phase1[@]}" "${phase2[@]}" "${phase3[@]}" "${phase4[@]}") ;;
-    *) [[ -f "configs/$t.flags" ]] || die "no configs/$t.flags (nor a phase: phase1..phase4, all)"
+    tasks) experiments+=("${tasks[@]}") ;;
+    *) [[ -f "configs/$t.flags" ]] || die "no configs/$t.flags (nor phase1..phase4, all, tasks)"
        experiments+=("$t") ;;
   esac
 done

@@ -393,12 +393,46 @@ def test_maze_hard_flagfile_is_the_papers_attention_maze_run():
     assert 6.5e6 < model.num_params(params) < 7.5e6
 
 
+@pytest.mark.parametrize("name", ["arc1", "arc2"])
+def test_arc_flagfiles_are_the_papers_arc_runs(name):
+    """configs/arc1.flags and arc2.flags on ARC's metadata (900 cells, 12 tokens, a million
+    puzzle ids): the official README's attention run (T=3, n=4, 2 layers, D=512, 7M params
+    without the puzzle table) with the official ARC training config; `./run_all.sh tasks`
+    runs them after Maze-Hard."""
+    values = flagfile_values(name)
+    meta = {"vocab_size": 12, "seq_len": 900, "num_puzzle_identifiers": 1_000_000}
+    cfg = train.model_config(train.options(**values), meta, "cpu")
+    assert (cfg.mlp_t, cfg.pos_encodings, cfg.T, cfg.n, cfg.layers) == (False, "rope", 3, 4, 2)
+    assert (cfg.D, cfg.N_sup, cfg.L, cfg.puzzle_emb_ndim) == (512, 16, 916, 512)
+    params = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
+    assert 6.5e6 < model.num_params(params) < 7.5e6
+    assert params["puzzle_emb"].shape == (1_000_000, 512)
+    o = train.options(**values)
+    assert (o.lr, o.weight_decay, o.puzzle_emb_lr, o.puzzle_emb_weight_decay) == (
+        1e-4,
+        0.1,
+        1e-2,
+        0.1,
+    )
+    assert (o.epochs, o.eval_interval, o.global_batch_size, o.ema) == (100000, 10000, 768, True)
+    assert o.data_paths == [f"data/{name}concept-aug-1000"]
+    assert f"--flagfile=configs/{name}.flags" in "\n".join(dry("tasks"))
+
+
 def test_run_all_phases_cover_every_experiment_flagfile_once():
     lines = dry("all")
     commands = [line for line in lines if line.startswith("+")]
     named = {line.split("--workdir=runs/")[1].split("/")[0].split(" ")[0] for line in commands}
     flagfiles = {p.stem for p in (ROOT / "configs").glob("*.flags")}
-    assert named == flagfiles - {"sudoku_cpu", "maze_cpu", "maze_hard", "mini", "smoke"}
+    assert named == flagfiles - {
+        "sudoku_cpu",
+        "maze_cpu",
+        "maze_hard",
+        "arc1",
+        "arc2",
+        "mini",
+        "smoke",
+    }
     assert dry("phase2") == [line for line in lines if "/e2_" in line]
     # no two runs of the roadmap are the same run: their flags (less the folder) differ
     runs = [
@@ -562,6 +596,9 @@ def test_report_tables_heat_map_front_and_power_law(tmp_path):
         if vote is not None:
             grid |= {f"vote_accuracy@steps=2,K={K}": vote, f"oracle_accuracy@steps=2,K={K}": oracle}
     fake_run(root / "e4_5_test_time", small, [grid])
+    passes = dict(zip((1, 2, 5, 10, 100, 1000), (0.3, 0.4, 0.5, 0.6, 0.7, 0.7), strict=True))
+    arc = {"exact_accuracy": 0.1, "accuracy": 0.8} | {f"ARC/pass@{k}": p for k, p in passes.items()}
+    fake_run(root / "arc1", small, [arc])
     out = run(
         [sys.executable, "report.py", str(root), f"--out={tmp_path}/out", "--title=Test"],
         env=dict(os.environ, JAX_PLATFORMS="cpu"),
@@ -578,12 +615,14 @@ def test_report_tables_heat_map_front_and_power_law(tmp_path):
     assert f"| grid/H_cycles-2_L_cycles-3 | 2 steps | {2 * fwd / 0.23:.3g} | 0.2300 |" in text
     assert "| e4_5_test_time | 2 | 4 | 0.6000 | 0.5500 | 0.7000 | 4 |" in text
     assert "| e4_5_test_time | 2 | 1 | 0.5000 |  |  | 1 |" in text
+    assert "| arc1 | 200 | 0.3000 | 0.4000 | 0.5000 | 0.6000 | 0.7000 | 0.7000 |" in text
     for png in (
         "heatmap_T_n.png",
         "frontier.png",
         "scaling_data.png",
         "curves.png",
         "test_time.png",
+        "arc.png",
     ):
         assert (tmp_path / "out" / png).stat().st_size > 1000
 
