@@ -34,6 +34,10 @@ SKIPPED = [
     ("./run_all.sh --aot=", "compiles every point of the roadmap for a TPU slice: hours"),
     ("./run_all.sh --mini ", "the mini-study, about 70 minutes (its run count: see below)"),
     ("./run_all.sh phase2", "trains phase 2 at paper size"),
+    (
+        "./run_all.sh tasks",
+        "trains Maze-Hard and ARC at paper size (tests/test_roadmap.py dry-runs it)",
+    ),
     ("./run_all.sh sudoku_cpu ", "trains the default job"),
     ("python report.py runs", "needs the run directories of trained runs"),
     ("for s in 1 2; do python train.py ", "trains the mini-study's seeds"),
@@ -86,7 +90,7 @@ NOT_OURS = {
 }
 # Files the README names that a run (or report.py) writes, not the repository.
 WRITTEN = {"ckpt/", "data/", "done.json", "env_STEP.json", "flags.txt", "metrics.jsonl"}
-WRITTEN |= {"config.json", "RESULTS.md"}
+WRITTEN |= {"config.json", "RESULTS.md", "submission.json"}
 
 
 def fenced(path):
