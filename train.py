@@ -506,7 +506,8 @@ def evaluate(
         sums = eval_step(params, batch)
         if votes is not None:
             sums, answers = sums
-            rows = [batch["puzzle_identifiers"], batch["inputs"], *answers.values()]
+            rows = (batch["puzzle_identifiers"], batch["inputs"], answers["preds"])
+            rows = [*rows, answers["q_halt_logits"]]
             rows = [multihost_utils.process_allgather(x, tiled=True) for x in rows]
             if jax.process_index() == 0:
                 votes.add(*rows)
